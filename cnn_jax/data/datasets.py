@@ -1,0 +1,159 @@
+"""Where examples come from: a registry of datasets, each read through TFDS.
+
+Every dataset yields {'image': uint8 [H, W, C], 'label': int} examples for one split, already
+restricted to this process's shard (each host of a multi-host job reads only its part).
+"""
+
+import dataclasses
+import os
+import socket
+
+import jax
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cnn_jax.data import bundled_digits
+from cnn_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    tfds_name: str  # empty for datasets made in-graph (synthetic)
+    train_split: str
+    eval_split: str
+    channels: int
+    num_classes: int
+    needs_download: bool = True  # False: prepared from a local or manual source
+    note: str = ""
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "bundled_digits": DatasetSpec("bundled_digits", "train", "test", 1, 10, needs_download=False),
+    "mnist": DatasetSpec("mnist", "train", "test", 1, 10),
+    "cifar10": DatasetSpec("cifar10", "train", "test", 3, 10),
+    "imagenette": DatasetSpec("imagenette/full-size-v2", "train", "validation", 3, 10),
+    "imagenet2012": DatasetSpec(
+        "imagenet2012", "train", "validation", 3, 1000, needs_download=False,
+        note="download ILSVRC2012_img_{train,val}.tar from image-net.org into "
+        "--config.manual_dir (tfds prepares it once)",
+    ),  # fmt: skip
+    "synthetic": DatasetSpec("", "train", "test", 3, 0, needs_download=False),
+}
+
+# A host TFDS downloads from; probing it first turns a minutes-long retry loop on a machine
+# without network into an immediate, clear error.
+_DOWNLOAD_PROBE_HOST = ("storage.googleapis.com", 443)
+
+
+def dataset_spec(config) -> DatasetSpec:
+    try:
+        return DATASETS[config.dataset]
+    except KeyError:
+        raise UserError(
+            f"unknown dataset {config.dataset!r}; choose one of: {', '.join(DATASETS)}"
+        ) from None
+
+
+def num_channels(config) -> int:
+    spec = dataset_spec(config)
+    return config.synthetic_channels if config.dataset == "synthetic" else spec.channels
+
+
+def _network_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(_DOWNLOAD_PROBE_HOST, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _data_dir(config) -> str | None:
+    return config.data_dir or os.environ.get("TFDS_DATA_DIR") or None
+
+
+def prepared_builder(config) -> tfds.core.DatasetBuilder:
+    """The TFDS builder for config.dataset, prepared (downloaded and converted) if needed.
+
+    Raises UserError with one actionable line when the data cannot be had.
+    """
+    spec = dataset_spec(config)
+    data_dir = _data_dir(config)
+    if config.data_dir and not os.path.isdir(config.data_dir):
+        raise UserError(f"--config.data_dir={config.data_dir} does not exist")
+    if spec.tfds_name == "bundled_digits":
+        builder = bundled_digits.BundledDigits(data_dir=data_dir)
+    else:
+        builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+    if builder.is_prepared():
+        return builder
+    where = builder.data_dir
+    if spec.needs_download and not _network_reachable():
+        raise UserError(
+            f"dataset {config.dataset!r} is not in {where} and cannot be downloaded (no network): "
+            "use --config.dataset=bundled_digits (ships with the package) or synthetic, or point "
+            "--config.data_dir at a prepared TFDS copy"
+        )
+    if spec.note and not config.manual_dir:
+        raise UserError(f"dataset {config.dataset!r} is not prepared in {where}: {spec.note}")
+    download_config = tfds.download.DownloadConfig(manual_dir=config.manual_dir or None)
+    try:
+        builder.download_and_prepare(download_config=download_config)
+    except Exception as e:  # any failure to fetch or convert is a data problem, not a bug
+        raise UserError(f"could not prepare dataset {config.dataset!r} in {where}: {e}") from e
+    return builder
+
+
+def num_examples(config, split: str) -> int:
+    """Examples in the whole split (all processes together)."""
+    if config.dataset == "synthetic":
+        return config.synthetic_train_size if split == "train" else config.synthetic_eval_size
+    return prepared_builder(config).info.splits[_split_name(config, split)].num_examples
+
+
+def _split_name(config, split: str) -> str:
+    spec = dataset_spec(config)
+    return spec.train_split if split == "train" else spec.eval_split
+
+
+def process_examples(config, split: str) -> tf.data.Dataset:
+    """This process's shard of `split` ('train' or 'eval') as uint8 image / int32 label dicts,
+    in a fixed order (shuffling is the pipeline's job, seeded per epoch)."""
+    if config.dataset == "synthetic":
+        return _synthetic(config, split)
+    builder = prepared_builder(config)
+    split_name = tfds.split_for_jax_process(_split_name(config, split), drop_remainder=False)
+    read_config = tfds.ReadConfig(shuffle_seed=0, interleave_cycle_length=1)
+    ds = builder.as_dataset(split=split_name, shuffle_files=False, read_config=read_config)
+    return ds.map(
+        lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)},
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+
+
+def _synthetic(config, split: str) -> tf.data.Dataset:
+    """Random images and labels of any shape, made in-graph from the example index: the same
+    index always gives the same example, on any host."""
+    total = num_examples(config, split)
+    per_process = total // jax.process_count()
+    start = jax.process_index() * per_process
+    size, channels, classes = config.image_size, config.synthetic_channels, config.num_classes
+    split_seed = 0 if split == "train" else 1
+
+    def make(i):
+        seed = tf.stack([tf.cast(split_seed, tf.int64), i])
+        image = tf.random.stateless_uniform(
+            [size, size, channels], seed=seed, minval=0, maxval=256, dtype=tf.int32
+        )
+        label = tf.random.stateless_uniform(
+            [], seed=seed + 1, minval=0, maxval=classes, dtype=tf.int32
+        )
+        return {"image": tf.cast(image, tf.uint8), "label": label}
+
+    return tf.data.Dataset.range(start, start + per_process).map(make)
+
+
+def resolve_dataset_fields(config) -> None:
+    """Fill the fields a real dataset defines (num_classes) into the config, in place."""
+    spec = dataset_spec(config)
+    if spec.num_classes:
+        config.num_classes = spec.num_classes

@@ -1,0 +1,83 @@
+"""The one default configuration every config file in `configs/` starts from.
+
+Every field here can be overridden on the command line (`--config.FIELD=VALUE`), so a field
+exists only if some code reads it. Config files change values, never the set of fields, so a
+typo on the command line fails loudly instead of being ignored.
+"""
+
+import ml_collections
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # --- Model -------------------------------------------------------------------------------
+    # One of cnn_jax.models.MODELS: lenet5, lenet5_modern, alexnet, alexnet_single_tower, vgg.
+    c.model = "lenet5"
+    # VGG configuration of the paper's Table 1: A, A-LRN, B, C, D, E (only read when model=vgg).
+    c.vgg_variant = "D"
+    c.batch_norm = False  # VGG only: the modern batch-norm variants (not in the paper).
+    c.dropout_rate = 0.5
+    # Classes of synthetic data. Real datasets define their own and overwrite this field when
+    # the run starts (config.json records the value used).
+    c.num_classes = 10
+    # Loss over the model's output scores: cross_entropy, or lenet_map (LeNet-5 paper eq. 9).
+    c.loss = "cross_entropy"
+    c.lenet_map_j = 1.0  # the positive constant j of LeNet-5's MAP criterion (paper, Sec. II-C).
+    # Path of a trained VGG-A checkpoint directory to warm-start a deeper VGG from (paper Sec. 3.1).
+    c.warm_start_from = ""
+
+    # --- Data --------------------------------------------------------------------------------
+    # bundled_digits (ships with the package), mnist, cifar10, imagenette, imagenet2012,
+    # image_folder, synthetic. See cnn_jax/data/datasets.py.
+    c.dataset = "bundled_digits"
+    c.data_dir = ""  # TFDS data_dir; empty: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+    c.manual_dir = ""  # TFDS manual_dir (imagenet2012) or the root of an image_folder dataset.
+    c.image_size = 32  # the model's input side in pixels.
+    c.preprocess = "lenet"  # a name in cnn_jax.data.preprocess.PREPROCESSORS.
+    c.lenet_distortions = False  # LeNet-5's random affine distortions (the paper's 0.8% run).
+    c.cache = True  # cache decoded examples in memory (small datasets).
+    c.shuffle_buffer = 0  # 0: the whole (per-process) training split.
+    c.synthetic_train_size = 1024
+    c.synthetic_channels = 3
+    c.synthetic_eval_size = 256
+
+    # --- Optimisation ------------------------------------------------------------------------
+    c.batch_size = 128  # global batch, split over the mesh's data axis.
+    c.num_epochs = 10.0
+    c.num_train_steps = -1  # > 0 overrides num_epochs.
+    c.optimizer = "sgd"  # sgd (with momentum), adam.
+    c.learning_rate = 0.01
+    c.momentum = 0.9
+    c.nesterov = False
+    c.weight_decay = 0.0
+    # constant, step (x step_factor at each step_epochs), cosine, plateau (x0.1 when eval
+    # accuracy stops improving for plateau_patience evals, at most plateau_max_drops times).
+    c.lr_schedule = "constant"
+    c.step_epochs = (10.0, 20.0, 30.0)
+    c.step_factor = 0.1
+    c.warmup_epochs = 0.0
+    c.plateau_patience = 2
+    c.plateau_max_drops = 3
+    c.plateau_min_delta = 1e-4
+    c.half_precision = False  # bfloat16 compute, float32 master weights and loss.
+
+    # --- Parallelism -------------------------------------------------------------------------
+    # The mesh is (data, model). model=2 splits AlexNet's towers over devices; data=-1 uses
+    # every remaining device.
+    c.mesh_data = -1
+    c.mesh_model = 1
+    c.spmd = "shard_map"  # shard_map, or pmap (the classic path; must agree).
+
+    # --- Loop, logging and checkpoints -------------------------------------------------------
+    c.seed = 0
+    c.log_every_steps = 50
+    c.eval_every_epochs = 1.0
+    c.checkpoint_every_steps = 500
+    c.keep_checkpoints = 3
+    c.progress_bar = True
+    c.eval_only = False  # evaluate the latest checkpoint in workdir and stop.
+    c.eval_mode = "center"  # center, ten_crop (AlexNet), dense (VGG multi-scale).
+    c.eval_scales = (256, 384, 512)  # VGG dense evaluation's Q values.
+    c.debug_inject_nan_at_step = -1  # fault testing: make the loss NaN at this step.
+    return c

@@ -1,0 +1,173 @@
+"""Layers the classic papers used that modern libraries dropped.
+
+- `lecun_tanh`, `TrainableSubsampling`, `SparseConv`, `EuclideanRBF`: LeNet-5 (1998).
+- `local_response_norm`: AlexNet (2012) and VGG's A-LRN (2014).
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def lecun_tanh(a: jax.Array) -> jax.Array:
+    """LeNet-5's squashing function f(a) = A tanh(S a), A = 1.7159, S = 2/3 (paper, App. A).
+
+    A and S are chosen so that f(1) = 1 and f(-1) = -1, which keeps +-1 targets in the range
+    where the gain is largest.
+    """
+    return 1.7159 * jnp.tanh(a * (2.0 / 3.0))
+
+
+def lecun_uniform_fan_in(fan_in: int):
+    """LeNet-5's initialisation: uniform in [-2.4/F, 2.4/F], F = the unit's fan-in (App. C)."""
+    limit = 2.4 / fan_in
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+    return init
+
+
+class TrainableSubsampling(nn.Module):
+    """LeNet-5's S2/S4: each 2x2 block is summed, multiplied by one trainable coefficient per
+    map, a trainable bias is added and the result squashed (paper Sec. II-B). Two parameters
+    per feature map: S2 has 12, S4 has 32.
+    """
+
+    window: int = 2
+    activation: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, h, w, c = x.shape
+        k = self.window
+        fan_in = k * k
+        coef = self.param("coefficient", lecun_uniform_fan_in(fan_in), (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        # A reshape-sum is the exact 2x2 block sum and lowers to one fused reduce.
+        block_sum = x[:, : h - h % k, : w - w % k].reshape(n, h // k, k, w // k, k, c).sum((2, 4))
+        y = block_sum * coef.astype(x.dtype) + bias.astype(x.dtype)
+        return lecun_tanh(y) if self.activation else y
+
+
+# LeNet-5's Table I: column j lists the S2 maps that C3 map j reads.
+# Maps 0-5 read 3 contiguous maps, 6-11 read 4 contiguous, 12-14 read 4 discontinuous and
+# 15 reads all six; contiguity wraps around (maps are numbered modulo 6).
+LENET5_C3_TABLE: tuple[tuple[int, ...], ...] = (
+    *(tuple((i + d) % 6 for d in range(3)) for i in range(6)),
+    *(tuple((i + d) % 6 for d in range(4)) for i in range(6)),
+    (0, 1, 3, 4),
+    (1, 2, 4, 5),
+    (0, 2, 3, 5),
+    (0, 1, 2, 3, 4, 5),
+)
+
+
+def connection_matrix(table: Sequence[Sequence[int]], num_inputs: int) -> np.ndarray:
+    """Boolean (num_inputs, num_outputs) matrix: True where output j reads input i."""
+    m = np.zeros((num_inputs, len(table)), dtype=bool)
+    for j, inputs in enumerate(table):
+        m[list(inputs), j] = True
+    return m
+
+
+class SparseConv(nn.Module):
+    """A convolution in which each output map reads only the input maps its table names.
+
+    Only the connected kernels are parameters (C3: 60 connections x 25 + 16 biases = 1,516).
+    They are scattered into a dense kernel with zeros elsewhere, so the layer is still one
+    convolution for XLA; the zeros receive no gradient because they are not parameters.
+    """
+
+    table: tuple[tuple[int, ...], ...]
+    num_inputs: int
+    kernel_size: tuple[int, int] = (5, 5)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kh, kw = self.kernel_size
+        mask = connection_matrix(self.table, self.num_inputs)
+        in_idx, out_idx = np.nonzero(mask)  # one entry per connection
+        num_out = len(self.table)
+        # Fan-in of output map j is kh*kw*len(table[j]); the paper's init uses it per unit.
+        fan_in = np.array([kh * kw * len(t) for t in self.table])[out_idx]
+        limits = jnp.asarray(2.4 / fan_in, jnp.float32)
+
+        def init(key, shape, dtype=jnp.float32):
+            return jax.random.uniform(key, shape, dtype, -1.0, 1.0) * limits
+
+        kernel = self.param("kernel", init, (kh, kw, len(in_idx)))
+        bias = self.param("bias", nn.initializers.zeros, (num_out,))
+        dense = jnp.zeros((kh, kw, self.num_inputs, num_out), kernel.dtype)
+        dense = dense.at[:, :, in_idx, out_idx].set(kernel).astype(x.dtype)
+        y = jax.lax.conv_general_dilated(
+            x, dense, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return y + bias.astype(x.dtype)
+
+
+# The ten 7x12 bitmaps of LeNet-5's output RBF units (paper Sec. II-B, Fig. 3): stylised
+# digits drawn here on the paper's grid; '#' is +1, '.' is -1. The paper's exact bitmaps are
+# printed only as a figure, so these are a transcription of the idea, not of its pixels.
+DIGIT_BITMAPS: tuple[str, ...] = (
+    "..###.. .#...#. #.....# #.....# #.....# #.....# #.....# #.....# #.....# .#...#. ..###.. .......",
+    "...#... ..##... .#.#... ...#... ...#... ...#... ...#... ...#... ...#... ...#... .#####. .......",
+    ".#####. #.....# ......# ......# .....#. ....#.. ...#... ..#.... .#..... #...... ####### .......",
+    ".#####. #.....# ......# ......# ..####. ......# ......# ......# ......# #.....# .#####. .......",
+    "....##. ...#.#. ..#..#. .#...#. #....#. #....#. ####### .....#. .....#. .....#. .....#. .......",
+    "####### #...... #...... #...... ######. ......# ......# ......# ......# #.....# .#####. .......",
+    "..####. .#..... #...... #...... ######. #.....# #.....# #.....# #.....# #.....# .#####. .......",
+    "####### ......# .....#. .....#. ....#.. ....#.. ...#... ...#... ..#.... ..#.... ..#.... .......",
+    ".#####. #.....# #.....# #.....# .#####. #.....# #.....# #.....# #.....# #.....# .#####. .......",
+    ".#####. #.....# #.....# #.....# #.....# .###### ......# ......# ......# .....#. .####.. .......",
+)
+
+
+def rbf_prototypes() -> np.ndarray:
+    """(10, 84) array of +-1 prototype vectors, one 7x12 bitmap per class, row-major."""
+    rows = []
+    for bitmap in DIGIT_BITMAPS:
+        bitmap_rows = bitmap.split()
+        assert len(bitmap_rows) == 12 and all(len(r) == 7 for r in bitmap_rows), bitmap
+        pixels = "".join(bitmap_rows)
+        rows.append([1.0 if p == "#" else -1.0 for p in pixels])
+    return np.asarray(rows, np.float32)
+
+
+class EuclideanRBF(nn.Module):
+    """LeNet-5's output layer: y_i = sum_j (x_j - w_ij)^2 with fixed prototypes w_i.
+
+    The prototypes are constants, not parameters (the paper keeps them fixed), so the layer
+    adds nothing to the parameter count. It returns the distances y_i; smaller is better.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = jnp.asarray(rbf_prototypes(), x.dtype)  # (classes, features)
+        # ||x||^2 - 2 x.w + ||w||^2 is one matmul instead of a (batch, classes, 84) tensor.
+        sq = jnp.sum(x * x, axis=-1, keepdims=True) - 2.0 * x @ w.T + jnp.sum(w * w, axis=-1)
+        return sq
+
+
+def local_response_norm(
+    x: jax.Array, *, size: int = 5, k: float = 2.0, alpha: float = 1e-4, beta: float = 0.75
+) -> jax.Array:
+    """AlexNet's local response normalisation across channels (Krizhevsky et al. 2012, 3.3).
+
+    b[c] = a[c] / (k + alpha * sum_{c' in [c - n/2, c + n/2]} a[c']^2) ** beta
+
+    alpha multiplies the plain sum over the n neighbours, as the paper writes it; PyTorch's and
+    Caffe's LRN divide alpha by n, so their alpha=1e-4 is this alpha=2e-5.
+    """
+    half = size // 2
+    sq = jnp.square(x.astype(jnp.float32))
+    # Sum over a window of `size` channels, zero-padded at the ends, as a cumulative-sum
+    # difference: one pass, no gather, and exact for the small windows used here.
+    padded = jnp.pad(sq, [(0, 0)] * (x.ndim - 1) + [(half + 1, half)])
+    csum = jnp.cumsum(padded, axis=-1)
+    window_sum = csum[..., size:] - csum[..., :-size]
+    scale = (k + alpha * window_sum) ** (-beta)
+    return (x.astype(jnp.float32) * scale).astype(x.dtype)

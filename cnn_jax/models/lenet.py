@@ -1,0 +1,83 @@
+"""LeNet-5 (LeCun, Bottou, Bengio, Haffner, "Gradient-based learning applied to document
+recognition", Proc. IEEE 1998, Sec. II-B), and a modern variant for comparison.
+
+Layer by layer (the seed deck's arithmetic; N@HxW = N feature maps of HxW):
+
+    input  1@32x32
+    C1     6@28x28   5x5 conv            (5*5*1 + 1) * 6            =    156
+    S2     6@14x14   trainable 2x2 sum   (1 + 1) * 6                =     12
+    C3    16@10x10   5x5 conv, Table I   60 connections * 25 + 16   =  1,516
+    S4    16@5x5     trainable 2x2 sum   (1 + 1) * 16               =     32
+    C5   120@1x1     5x5 conv            (5*5*16 + 1) * 120         = 48,120
+    F6    84         dense               (120 + 1) * 84             = 10,164
+    out   10         Euclidean RBF, fixed +-1 prototypes            =      0
+                                                                      60,000
+
+Both models return class *scores* (higher is better). For the faithful model the score is the
+negative RBF distance -y_i, so softmax cross-entropy over scores and the paper's MAP criterion
+(cnn_jax.losses) both apply to the same output.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnn_jax.models.layers import (
+    LENET5_C3_TABLE,
+    EuclideanRBF,
+    SparseConv,
+    TrainableSubsampling,
+    lecun_tanh,
+    lecun_uniform_fan_in,
+)
+
+
+class LeNet5(nn.Module):
+    """The paper's LeNet-5: exactly 60,000 trainable parameters."""
+
+    num_classes: int = 10
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        del train  # no dropout or batch statistics in the 1998 network
+        if self.num_classes != 10:
+            raise ValueError("LeNet-5's RBF output has one prototype per digit: num_classes=10")
+        x = x.astype(self.dtype)
+
+        def conv(features, fan_in, name):
+            return nn.Conv(
+                features, (5, 5), padding="VALID", dtype=self.dtype,
+                kernel_init=lecun_uniform_fan_in(fan_in), name=name,
+            )  # fmt: skip
+
+        x = lecun_tanh(conv(6, 5 * 5 * 1, "C1")(x))
+        x = TrainableSubsampling(name="S2")(x)
+        x = lecun_tanh(SparseConv(LENET5_C3_TABLE, num_inputs=6, name="C3")(x))
+        x = TrainableSubsampling(name="S4")(x)
+        x = lecun_tanh(conv(120, 5 * 5 * 16, "C5")(x))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.Dense(84, dtype=self.dtype, kernel_init=lecun_uniform_fan_in(120), name="F6")(x)
+        x = lecun_tanh(x)
+        distances = EuclideanRBF(name="output")(x.astype(jnp.float32))
+        return -distances
+
+
+class LeNet5Modern(nn.Module):
+    """The same widths with what replaced each 1998 choice: ReLU, max-pooling, full C3
+    connectivity, and a dense softmax head instead of the RBF units."""
+
+    num_classes: int = 10
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        del train
+        x = x.astype(self.dtype)
+        pool = lambda y: nn.max_pool(y, (2, 2), strides=(2, 2))
+        x = pool(nn.relu(nn.Conv(6, (5, 5), padding="VALID", dtype=self.dtype, name="C1")(x)))
+        x = pool(nn.relu(nn.Conv(16, (5, 5), padding="VALID", dtype=self.dtype, name="C3")(x)))
+        x = nn.relu(nn.Conv(120, (5, 5), padding="VALID", dtype=self.dtype, name="C5")(x))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(84, dtype=self.dtype, name="F6")(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="output")(x).astype(jnp.float32)

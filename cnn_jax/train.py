@@ -1,0 +1,272 @@
+"""Training: the TrainState pytree, pure per-device steps, and the host loop with resume.
+
+    train_step(state, batch) -> (state, metrics)     per device; pmean over 'data'
+    eval_step(state, batch) -> metric sums           per device; psum over 'data'
+
+Both are compiled once over the mesh by cnn_jax.parallel. The loop around them only moves
+batches in, decides when to evaluate and checkpoint, and writes what happened.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from cnn_jax import checkpoint, losses, models, optim, parallel, reporting, validation
+from cnn_jax.data import datasets, pipeline
+from cnn_jax.errors import UserError
+from cnn_jax.parallel import DATA_AXIS
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any  # {} for models without batch norm
+    opt_state: Any
+    rng: jax.Array  # base key; each step folds in its step number (no hidden RNG state)
+
+
+def _variables(state: TrainState, params) -> dict:
+    variables = {"params": params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    return variables
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, config) -> tuple[TrainState, dict]:
+    """One SGD step on this device's part of the global batch.
+
+    Parameters arrive replicated (unvarying over 'data'). They are cast to varying first so
+    that the gradient is this device's own; without the cast, shard_map's autodiff already
+    sums it over 'data', and the pmean below would scale it by the data-axis size.
+    """
+    step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                                  lax.axis_index(DATA_AXIS))  # fmt: skip
+    loss_fn = losses.LOSSES[config.loss]
+    has_stats = bool(state.batch_stats)
+
+    def objective(params):
+        scores, new_vars = model.apply(
+            _variables(state, params),
+            batch["image"],
+            train=True,
+            rngs={"dropout": step_rng},
+            mutable=["batch_stats"] if has_stats else [],
+        )
+        loss = jnp.mean(loss_fn(scores, batch["label"], config=config))
+        if config.debug_inject_nan_at_step >= 0:
+            loss = jnp.where(state.step == config.debug_inject_nan_at_step, jnp.nan, loss)
+        return loss, (scores, new_vars)
+
+    varying = jax.tree.map(lambda p: lax.pcast(p, DATA_AXIS, to="varying"), state.params)
+    (loss, (scores, new_vars)), grads = jax.value_and_grad(objective, has_aux=True)(varying)
+    grads = lax.pmean(grads, DATA_AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    batch_stats = lax.pmean(new_vars["batch_stats"], DATA_AXIS) if has_stats else {}
+
+    metrics = {
+        "loss": lax.pmean(loss, DATA_AXIS),
+        "accuracy": lax.pmean(jnp.mean(losses.topk_correct(scores, batch["label"], 1)), DATA_AXIS),
+        "grad_norm": optax.global_norm(grads),
+    }
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, model, config) -> dict:
+    """Sums over this device's examples (padding has mask 0), summed over 'data'."""
+    scores = model.apply(_variables(state, state.params), batch["image"], train=False)
+    mask = batch["mask"]
+    loss = losses.LOSSES[config.loss](scores, batch["label"], config=config)
+    sums = {
+        "loss": jnp.sum(loss * mask),
+        "accuracy": jnp.sum(losses.topk_correct(scores, batch["label"], 1) * mask),
+        "count": jnp.sum(mask),
+    }
+    if config.num_classes > 5:
+        sums["top5_accuracy"] = jnp.sum(losses.topk_correct(scores, batch["label"], 5) * mask)
+    return lax.psum(sums, DATA_AXIS)
+
+
+def state_specs(state: TrainState):
+    """PartitionSpecs of the state: replicated everywhere for data parallelism."""
+    return jax.tree.map(lambda _: P(), state)
+
+
+def create_train_state(config, model, tx, mesh, input_shape) -> TrainState:
+    """Initialise the state directly into its sharding on the mesh (no host copy)."""
+
+    def init(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        variables = model.init({"params": init_rng, "dropout": init_rng},
+                               jnp.zeros(input_shape, jnp.float32), train=False)  # fmt: skip
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros([], jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            rng=state_rng,
+        )
+
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    out_shardings = parallel.shardings(mesh, state_specs(abstract))
+    return jax.jit(init, out_shardings=out_shardings)(jax.random.key(config.seed))
+
+
+def total_train_steps(config, steps_per_epoch: int) -> int:
+    if config.num_train_steps > 0:
+        return config.num_train_steps
+    return max(1, int(config.num_epochs * steps_per_epoch))
+
+
+class Trainer:
+    """Everything a run builds once from its config: mesh, model, optimiser, compiled steps."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        validation.check_config(config, jax.device_count(), jax.process_count())
+        datasets.resolve_dataset_fields(config)
+        self.config = config
+        self.mesh = parallel.make_mesh(config)
+        self.model = models.build_model(config)
+        self.steps_per_epoch = pipeline.steps_per_epoch(config)
+        if self.steps_per_epoch < 1:
+            raise UserError(
+                f"--config.batch_size={config.batch_size} is larger than the training split"
+            )
+        self.total_steps = total_train_steps(config, self.steps_per_epoch)
+        self.tx = optim.make_optimizer(config, self.steps_per_epoch, self.total_steps)
+        channels = datasets.num_channels(config)
+        self.input_shape = (1, config.image_size, config.image_size, channels)
+
+    def init_state(self) -> TrainState:
+        return create_train_state(self.config, self.model, self.tx, self.mesh, self.input_shape)
+
+    @functools.cached_property
+    def _specs(self):
+        return state_specs(jax.eval_shape(self.init_state))
+
+    @functools.cached_property
+    def train_step(self):
+        step = functools.partial(train_step, model=self.model, tx=self.tx, config=self.config)
+        batch_spec = {"image": P(DATA_AXIS), "label": P(DATA_AXIS)}
+        return parallel.compile_per_device(
+            step, self.mesh, (self._specs, batch_spec), (self._specs, P()), donate_argnums=0
+        )
+
+    @functools.cached_property
+    def eval_step(self):
+        step = functools.partial(eval_step, model=self.model, config=self.config)
+        batch_spec = {"image": P(DATA_AXIS), "label": P(DATA_AXIS), "mask": P(DATA_AXIS)}
+        return parallel.compile_per_device(step, self.mesh, (self._specs, batch_spec), P())
+
+    def train_batches(self, start_step: int):
+        ds = pipeline.train_dataset(self.config, start_step)
+        return pipeline.global_batches(
+            ds, parallel.batch_sharding(self.mesh), self.config.batch_size
+        )
+
+    def evaluate(self, state: TrainState) -> dict:
+        ds = pipeline.eval_dataset(self.config)
+        sharding = parallel.batch_sharding(self.mesh)
+        totals = None
+        for batch in pipeline.global_batches(ds, sharding, self.config.batch_size):
+            sums = self.eval_step(state, batch)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        totals = jax.device_get(totals)
+        count = totals.pop("count")
+        return {k: v / count for k, v in totals.items()}
+
+
+def _write_config(config, workdir: str) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Train per config into workdir, resuming from its latest checkpoint if there is one."""
+    trainer = Trainer(config)
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.keep_checkpoints
+    )
+    state = trainer.init_state()
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(latest, state)
+    start_step = int(state.step)
+    total = trainer.total_steps
+
+    if start_step >= total:
+        record = reporting.last_record(workdir, "eval")
+        shown = "" if record is None else f"; last eval: {json.dumps(record)}"
+        print(f"Training already finished at step {start_step} in {workdir}{shown}")
+        ckpt.close()
+        return state
+
+    _write_config(config, workdir)
+    reporter = reporting.Reporter(
+        workdir, total_steps=total, start_step=start_step, progress_bar=config.progress_bar
+    )
+    if start_step:
+        reporter.message(f"Resuming from checkpoint at step {start_step} of {total}")
+    eval_every = max(1, round(config.eval_every_epochs * trainer.steps_per_epoch))
+    batches = trainer.train_batches(start_step)
+    pending: list[dict] = []  # device metrics since the last log: fetched together, no per-step sync
+    window_start, window_steps = time.perf_counter(), 0
+
+    for step in range(start_step, total):
+        state, metrics = trainer.train_step(state, next(batches))
+        pending.append(metrics)
+        window_steps += 1
+        done = step + 1
+        reporter.advance()
+
+        if done % config.log_every_steps == 0 or done == total:
+            fetched = jax.device_get(pending)
+            elapsed = time.perf_counter() - window_start
+            summary = {k: sum(m[k] for m in fetched) / len(fetched) for k in fetched[0]}
+            summary["images_per_sec"] = window_steps * config.batch_size / elapsed
+            summary["learning_rate"] = float(
+                optim.learning_rate_schedule(config, trainer.steps_per_epoch, total)(step)
+                * optim.find_plateau_state(state.opt_state).factor
+            )
+            reporter.write(done, "train", summary)
+            reporter.advance(0, loss=f"{summary['loss']:.4f}",
+                             img_s=f"{summary['images_per_sec']:.0f}")  # fmt: skip
+            pending, window_start, window_steps = [], time.perf_counter(), 0
+
+        if done % eval_every == 0 or done == total:
+            results = trainer.evaluate(state)
+            reporter.write(done, "eval", results)
+            if config.lr_schedule == "plateau":
+                plateau = optim.plateau_update(
+                    optim.find_plateau_state(state.opt_state), results["accuracy"], config
+                )
+                plateau = jax.device_put(plateau, parallel.replicated(trainer.mesh))
+                state = state.replace(
+                    opt_state=optim.replace_plateau_state(state.opt_state, plateau)
+                )
+            window_start = time.perf_counter()  # evaluation time is not training throughput
+
+        if done % config.checkpoint_every_steps == 0 or done == total:
+            ckpt.save(done, state)
+
+    ckpt.wait()
+    ckpt.close()
+    reporter.close()
+    return state

@@ -1,0 +1,76 @@
+"""Every check of a user's config that can be made before anything compiles.
+
+Each failure is a UserError with one line that names the field, the bad value and what is
+allowed; main prints it and exits 2.
+"""
+
+import os
+
+from cnn_jax import losses, models, parallel
+from cnn_jax.data import datasets, preprocess
+from cnn_jax.errors import UserError
+
+CHOICES = {
+    "optimizer": ("sgd", "adam"),
+    "lr_schedule": ("constant", "step", "cosine", "plateau"),
+    "spmd": ("shard_map", "pmap"),
+    "eval_mode": ("center", "ten_crop", "dense"),
+}
+
+
+def _choice(config, field: str, allowed) -> None:
+    value = config[field]
+    if value not in allowed:
+        raise UserError(f"--config.{field}={value!r} is not one of: {', '.join(map(str, allowed))}")
+
+
+def _positive(config, *fields: str) -> None:
+    for field in fields:
+        if not config[field] > 0:
+            raise UserError(f"--config.{field}={config[field]} must be > 0")
+
+
+def check_config(config, num_devices: int, process_count: int = 1) -> None:
+    models.build_model(config)  # unknown model / VGG letter
+    datasets.dataset_spec(config)  # unknown dataset
+    _choice(config, "loss", tuple(losses.LOSSES))
+    _choice(config, "preprocess", tuple(preprocess.PREPROCESSORS))
+    for field, allowed in CHOICES.items():
+        _choice(config, field, allowed)
+    _positive(config, "batch_size", "image_size", "learning_rate", "log_every_steps",
+              "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs")  # fmt: skip
+    if config.num_train_steps <= 0:
+        _positive(config, "num_epochs")
+    if config.dataset == "synthetic":
+        _positive(config, "synthetic_train_size", "synthetic_eval_size", "num_classes",
+                  "synthetic_channels")  # fmt: skip
+    if not 0.0 <= config.dropout_rate < 1.0:
+        raise UserError(f"--config.dropout_rate={config.dropout_rate} must be in [0, 1)")
+    if config.weight_decay < 0 or not 0.0 <= config.momentum < 1.0:
+        raise UserError("--config.weight_decay must be >= 0 and --config.momentum in [0, 1)")
+
+    fixed = models.FIXED_IMAGE_SIZE.get(config.model)
+    if fixed is not None and config.image_size != fixed:
+        raise UserError(f"--config.image_size={config.image_size}: {config.model} takes {fixed}")
+    smallest = models.MIN_IMAGE_SIZE.get(config.model, 1)
+    if config.image_size < smallest:
+        raise UserError(
+            f"--config.image_size={config.image_size} is too small for {config.model}: "
+            f"it needs at least {smallest}"
+        )
+
+    data, _ = parallel.mesh_shape(config, num_devices)
+    if config.batch_size % data:
+        raise UserError(
+            f"--config.batch_size={config.batch_size} is not divisible by the mesh's data axis "
+            f"({data} devices)"
+        )
+    if config.batch_size % process_count:
+        raise UserError(
+            f"--config.batch_size={config.batch_size} is not divisible by the "
+            f"{process_count} processes"
+        )
+    if config.data_dir and not os.path.isdir(config.data_dir):
+        raise UserError(f"--config.data_dir={config.data_dir} does not exist")
+    if config.warm_start_from and not os.path.isdir(config.warm_start_from):
+        raise UserError(f"--config.warm_start_from={config.warm_start_from} does not exist")
