@@ -39,7 +39,9 @@ def make_mesh(config, devices=None) -> Mesh:
     axis_types = (jax.sharding.AxisType.Auto,) * 2
     if len(devices) == len(jax.devices()):
         return jax.make_mesh((data, model), (DATA_AXIS, MODEL_AXIS), axis_types=axis_types)
-    return Mesh(np.asarray(devices).reshape(data, model), (DATA_AXIS, MODEL_AXIS), axis_types=axis_types)
+    return Mesh(
+        np.asarray(devices).reshape(data, model), (DATA_AXIS, MODEL_AXIS), axis_types=axis_types
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -43,7 +43,9 @@ class Reporter:
                 tf.summary.scalar(f"{split}/{k}", float(v))
         self._tb.flush()
         if split != "train" or self._bar.disable:
-            shown = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("step", "split"))
+            shown = " ".join(
+                f"{k}={v:.4g}" for k, v in record.items() if k not in ("step", "split")
+            )
             self.message(f"step {step} {split}: {shown}")
 
     def message(self, text: str) -> None:

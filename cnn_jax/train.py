@@ -78,7 +78,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, config) -> tuple[Tr
     metrics = {
         "loss": lax.pmean(loss, DATA_AXIS),
         "accuracy": lax.pmean(jnp.mean(losses.topk_correct(scores, batch["label"], 1)), DATA_AXIS),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
@@ -226,7 +226,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         reporter.message(f"Resuming from checkpoint at step {start_step} of {total}")
     eval_every = max(1, round(config.eval_every_epochs * trainer.steps_per_epoch))
     batches = trainer.train_batches(start_step)
-    pending: list[dict] = []  # device metrics since the last log: fetched together, no per-step sync
+    pending: list[
+        dict
+    ] = []  # device metrics since the last log: fetched together, no per-step sync
     window_start, window_steps = time.perf_counter(), 0
 
     for step in range(start_step, total):

@@ -33,7 +33,12 @@ DATASETS: dict[str, DatasetSpec] = {
     "cifar10": DatasetSpec("cifar10", "train", "test", 3, 10),
     "imagenette": DatasetSpec("imagenette/full-size-v2", "train", "validation", 3, 10),
     "imagenet2012": DatasetSpec(
-        "imagenet2012", "train", "validation", 3, 1000, needs_download=False,
+        "imagenet2012",
+        "train",
+        "validation",
+        3,
+        1000,
+        needs_download=False,
         note="download ILSVRC2012_img_{train,val}.tar from image-net.org into "
         "--config.manual_dir (tfds prepares it once)",
     ),  # fmt: skip

@@ -28,10 +28,13 @@ def lenet(image, seed, *, train, config):
         h, w = size, size
     pad_h, pad_w = size - h, size - w
     # Pad with the background value, not zero, so the border looks like paper.
-    return tf.pad(
-        image - LENET_BACKGROUND,
-        [[pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2], [0, 0]],
-    ) + LENET_BACKGROUND
+    return (
+        tf.pad(
+            image - LENET_BACKGROUND,
+            [[pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2], [0, 0]],
+        )
+        + LENET_BACKGROUND
+    )
 
 
 def scale_to_unit(image, seed, *, train, config):
