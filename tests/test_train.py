@@ -125,7 +125,8 @@ def test_train_and_evaluate_writes_everything_and_resumes(tfds_dir, tmp_path):
     eval_line = next(r for r in records if r["split"] == "eval")
     assert eval_line["step"] == 4 and 0.0 <= eval_line["accuracy"] <= 1.0
     assert "top5_accuracy" in eval_line
-    assert json.load(open(os.path.join(workdir, "config.json")))["model"] == "lenet5"
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["model"] == "lenet5"
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "4"]
     assert any(f.startswith("events.out") for f in os.listdir(os.path.join(workdir, "tensorboard")))
 
@@ -154,5 +155,5 @@ def test_missing_dataset_without_network_is_one_clear_error(tmp_path):
 
 
 def test_unknown_model_names_the_choices(tfds_dir):
-    with pytest.raises(UserError, match="unknown model 'lenet7'.*lenet5"):
+    with pytest.raises(UserError, match=r"unknown model 'lenet7'.*lenet5"):
         train.Trainer(tiny_config(tfds_dir, model="lenet7"))

