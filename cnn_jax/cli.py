@@ -20,11 +20,13 @@ def _fail(message: str) -> None:
     sys.exit(USAGE_EXIT)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
     """absl's parser, but a bad flag, unreadable config file or unknown config field is one
     line on stderr and exit 2 instead of a traceback."""
     try:
-        return flags.FLAGS(argv)
+        return flag_values(argv)
+    except UserError as e:  # raised by a config's get_config (e.g. configs/vgg.py:F)
+        _fail(str(e))
     except flags.Error as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except Exception as e:  # a config file that does not load (syntax error, missing file)
