@@ -30,8 +30,23 @@ def _positive(config, *fields: str) -> None:
             raise UserError(f"--config.{field}={config[field]} must be > 0")
 
 
-def check_config(config, num_devices: int, process_count: int = 1) -> None:
+def check_model(config) -> None:
+    """The model and its input size (also all that `python -m cnn_jax.summary` needs)."""
     models.build_model(config)  # unknown model / VGG letter
+    _positive(config, "image_size")
+    fixed = models.FIXED_IMAGE_SIZE.get(config.model)
+    if fixed is not None and config.image_size != fixed:
+        raise UserError(f"--config.image_size={config.image_size}: {config.model} takes {fixed}")
+    smallest = models.MIN_IMAGE_SIZE.get(config.model, 1)
+    if config.image_size < smallest:
+        raise UserError(
+            f"--config.image_size={config.image_size} is too small for {config.model}: "
+            f"it needs at least {smallest}"
+        )
+
+
+def check_config(config, num_devices: int, process_count: int = 1) -> None:
+    check_model(config)
     datasets.dataset_spec(config)  # unknown dataset
     _choice(config, "loss", tuple(losses.LOSSES))
     _choice(config, "preprocess", tuple(preprocess.PREPROCESSORS))
@@ -48,16 +63,6 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
         raise UserError(f"--config.dropout_rate={config.dropout_rate} must be in [0, 1)")
     if config.weight_decay < 0 or not 0.0 <= config.momentum < 1.0:
         raise UserError("--config.weight_decay must be >= 0 and --config.momentum in [0, 1)")
-
-    fixed = models.FIXED_IMAGE_SIZE.get(config.model)
-    if fixed is not None and config.image_size != fixed:
-        raise UserError(f"--config.image_size={config.image_size}: {config.model} takes {fixed}")
-    smallest = models.MIN_IMAGE_SIZE.get(config.model, 1)
-    if config.image_size < smallest:
-        raise UserError(
-            f"--config.image_size={config.image_size} is too small for {config.model}: "
-            f"it needs at least {smallest}"
-        )
 
     data, _ = parallel.mesh_shape(config, num_devices)
     if config.batch_size % data:
