@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from absl import flags, logging
 
+from cnn_jax import errors
 from cnn_jax.errors import UserError
 
 # TensorFlow's C++ start-up chatter (CPU feature notes, plugin registration) is noise here.
@@ -15,23 +16,45 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 USAGE_EXIT = 2
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = USAGE_EXIT) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(USAGE_EXIT)
+    sys.exit(status)
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
     """absl's parser, but a bad flag, unreadable config file or unknown config field is one
     line on stderr and exit 2 instead of a traceback."""
     try:
-        return flag_values(argv)
+        rest = flag_values(argv)
     except UserError as e:  # raised by a config's get_config (e.g. configs/vgg.py:F)
         _fail(str(e))
     except flags.Error as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except (AttributeError, KeyError) as e:  # --config.FIELD=... naming no field
+        _fail(f"{_override_named(argv, str(e))}: no such config field (see cnn_jax/defaults.py)")
     except Exception as e:  # a config file that does not load (syntax error, missing file)
         _fail(f"could not load the config: {type(e).__name__}: {e}".splitlines()[0])
-    return []
+    _check_config_files_loaded(flag_values)
+    return rest
+
+
+def _override_named(argv: list[str], error: str) -> str:
+    field = error.strip("\"' ")
+    found = [a.split("=")[0] for a in argv if a.split("=")[0].endswith(f".{field}")]
+    return found[0] if found else f"config field {field!r}"
+
+
+def _check_config_files_loaded(flag_values: flags.FlagValues) -> None:
+    """ml_collections defers a missing config file's error to the first use of the config,
+    which would be a traceback deep in the run; report it now instead."""
+    for name in list(flag_values):
+        value = flag_values[name].value
+        if type(value).__name__ == "_ErrorConfig":  # config_flags' stand-in for a failed load
+            try:
+                value.lock()
+            except OSError as e:
+                reason = str(e).strip().splitlines()[-1].strip()
+                _fail(f"could not load the config --{name}: {reason}")
 
 
 def setup_runtime() -> None:
@@ -42,7 +65,6 @@ def setup_runtime() -> None:
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
-    tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
 
     import jax
 
@@ -63,9 +85,18 @@ def _launched_as_multi_process() -> bool:
 
 
 def run(fn: Callable[[], object]) -> None:
-    """Run an entry point's body; a UserError becomes one line and exit status 2."""
+    """Run an entry point's body. A UserError becomes one line and its exit status (2 for bad
+    input, 1 for a run that cannot go on); so does a full disk, wherever a write hit it."""
     try:
         setup_runtime()
         fn()
     except UserError as e:
-        _fail(str(e))
+        _fail(_first_line(e), e.exit_status)
+    except Exception as e:
+        if not errors.is_disk_full(e):
+            raise
+        _fail(f"disk full: {_first_line(e)}", errors.RunFailure.exit_status)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
