@@ -36,6 +36,14 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.image_size = 32  # the model's input side in pixels.
     c.preprocess = "lenet"  # a name in cnn_jax.data.preprocess.PREPROCESSORS.
     c.lenet_distortions = False  # LeNet-5's random affine distortions (the paper's 0.8% run).
+    # preprocess=vgg: training scale S, the shorter side before the 224 crop, drawn per image
+    # from [min, max] (VGG Sec. 3.1 scale jittering: 256, 512); equal values train at a fixed S
+    # (the paper's 256 or 384). Sides are quoted at a 224 crop and scaled with image_size.
+    c.train_scale_min = 256
+    c.train_scale_max = 512
+    # preprocess=alexnet/vgg: standard deviation of AlexNet's PCA colour shift (Sec. 4.1: 0.1);
+    # 0 turns it off.
+    c.pca_lighting_std = 0.1
     c.cache = True  # cache decoded examples in memory (small datasets).
     c.shuffle_buffer = 0  # 0: the whole (per-process) training split.
     c.synthetic_train_size = 1024
@@ -76,8 +84,12 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 3
     c.progress_bar = True
-    c.eval_only = False  # evaluate the latest checkpoint in workdir and stop.
-    c.eval_mode = "center"  # center, ten_crop (AlexNet), dense (VGG multi-scale).
-    c.eval_scales = (256, 384, 512)  # VGG dense evaluation's Q values.
+    # Evaluate the latest checkpoint in workdir, write metrics.jsonl and eval_results.json, stop.
+    c.eval_only = False
+    # center: one centre crop. ten_crop: AlexNet Sec. 4.1, four corner and the centre crops
+    # and their mirror images, softmax averaged. dense: VGG Sec. 3.2, the net applied
+    # convolutionally at each eval_scales Q and mirrored, softmax averaged (cnn_jax/evaluate.py).
+    c.eval_mode = "center"
+    c.eval_scales = (256, 384, 512)  # dense: VGG's test scales Q (quoted at a 224 crop).
     c.debug_inject_nan_at_step = -1  # fault testing: make the loss NaN at this step.
     return c

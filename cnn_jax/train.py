@@ -21,7 +21,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from cnn_jax import checkpoint, losses, models, optim, parallel, reporting, validation
+from cnn_jax import checkpoint, evaluate, losses, models, optim, parallel, reporting, validation
 from cnn_jax.data import datasets, pipeline
 from cnn_jax.errors import UserError
 from cnn_jax.parallel import DATA_AXIS
@@ -169,8 +169,10 @@ class Trainer:
 
     @functools.cached_property
     def eval_step(self):
-        step = functools.partial(eval_step, model=self.model, config=self.config)
-        batch_spec = {"image": P(DATA_AXIS), "label": P(DATA_AXIS), "mask": P(DATA_AXIS)}
+        # center: eval_step above; ten_crop / dense: the papers' multi-view evaluations.
+        fn = evaluate.EVAL_STEPS.get(self.config.eval_mode, eval_step)
+        step = functools.partial(fn, model=self.model, config=self.config)
+        batch_spec = {k: P(DATA_AXIS) for k in (*evaluate.view_keys(self.config), "label", "mask")}
         return parallel.compile_per_device(step, self.mesh, (self._specs, batch_spec), P())
 
     def train_batches(self, start_step: int):
@@ -204,6 +206,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ckpt = checkpoint.Checkpointer(
         os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.keep_checkpoints
     )
+    if config.eval_only:  # evaluate the latest checkpoint, write the results, stop
+        try:
+            return evaluate.evaluate_checkpoint(trainer, ckpt, workdir)
+        finally:
+            ckpt.close()
     state = trainer.init_state()
     latest = ckpt.latest_step()
     if latest is not None:

@@ -4,6 +4,7 @@ Each failure is a UserError with one line that names the field, the bad value an
 allowed; main prints it and exits 2.
 """
 
+import inspect
 import os
 
 from cnn_jax import losses, models, parallel
@@ -63,6 +64,7 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
         raise UserError(f"--config.dropout_rate={config.dropout_rate} must be in [0, 1)")
     if config.weight_decay < 0 or not 0.0 <= config.momentum < 1.0:
         raise UserError("--config.weight_decay must be >= 0 and --config.momentum in [0, 1)")
+    _check_augmentation_and_eval(config)
 
     data, _ = parallel.mesh_shape(config, num_devices)
     if config.batch_size % data:
@@ -79,3 +81,38 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
         raise UserError(f"--config.data_dir={config.data_dir} does not exist")
     if config.warm_start_from and not os.path.isdir(config.warm_start_from):
         raise UserError(f"--config.warm_start_from={config.warm_start_from} does not exist")
+
+
+def _check_augmentation_and_eval(config) -> None:
+    """The per-paper preprocessing and evaluation modes (cnn_jax.data.preprocess, evaluate)."""
+    crop = preprocess.PAPER_CROP
+    if config.preprocess in ("alexnet", "vgg") and datasets.num_channels(config) != 3:
+        raise UserError(
+            f"--config.preprocess={config.preprocess} shifts RGB colours: dataset "
+            f"{config.dataset!r} has {datasets.num_channels(config)} channel(s), it needs 3"
+        )
+    if config.pca_lighting_std < 0:
+        raise UserError(f"--config.pca_lighting_std={config.pca_lighting_std} must be >= 0")
+    if config.preprocess == "vgg" and not crop <= config.train_scale_min <= config.train_scale_max:
+        raise UserError(
+            f"--config.train_scale_min={config.train_scale_min} and --config.train_scale_max="
+            f"{config.train_scale_max} must satisfy {crop} <= min <= max (sides at a {crop} crop)"
+        )
+    multi_view = config.eval_mode in ("ten_crop", "dense")
+    if multi_view and config.preprocess not in preprocess.MULTI_VIEW_PREPROCESSORS:
+        raise UserError(
+            f"--config.eval_mode={config.eval_mode} needs --config.preprocess in: "
+            f"{', '.join(preprocess.MULTI_VIEW_PREPROCESSORS)} (not {config.preprocess!r})"
+        )
+    if config.eval_mode == "dense":
+        scales = tuple(config.eval_scales)
+        if not scales or min(scales) < crop:
+            raise UserError(
+                f"--config.eval_scales={scales} must be non-empty, each >= {crop} (VGG Sec. 3.2)"
+            )
+        call = type(models.build_model(config)).__call__
+        if "dense" not in inspect.signature(call).parameters:
+            raise UserError(
+                f"--config.eval_mode=dense needs a model that runs convolutionally "
+                f"(vgg); {config.model} does not"
+            )

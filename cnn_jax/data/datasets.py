@@ -12,7 +12,7 @@ import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cnn_jax.data import bundled_digits
+from cnn_jax.data import bundled_digits, image_folder
 from cnn_jax.errors import UserError
 
 
@@ -25,13 +25,18 @@ class DatasetSpec:
     num_classes: int
     needs_download: bool = True  # False: prepared from a local or manual source
     note: str = ""
+    # True: examples carry the encoded JPEG bytes and the preprocessing op decodes them
+    # (cnn_jax.data.preprocess.decoded): a cache then holds compressed images.
+    encoded: bool = False
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "bundled_digits": DatasetSpec("bundled_digits", "train", "test", 1, 10, needs_download=False),
     "mnist": DatasetSpec("mnist", "train", "test", 1, 10),
     "cifar10": DatasetSpec("cifar10", "train", "test", 3, 10),
-    "imagenette": DatasetSpec("imagenette/full-size-v2", "train", "validation", 3, 10),
+    "imagenette": DatasetSpec(
+        "imagenette/full-size-v2", "train", "validation", 3, 10, encoded=True
+    ),
     "imagenet2012": DatasetSpec(
         "imagenet2012",
         "train",
@@ -41,8 +46,12 @@ DATASETS: dict[str, DatasetSpec] = {
         needs_download=False,
         note="download ILSVRC2012_img_{train,val}.tar from image-net.org into "
         "--config.manual_dir (tfds prepares it once)",
+        encoded=True,
     ),
     "synthetic": DatasetSpec("", "train", "test", 3, 0, needs_download=False),
+    # The user's own images, --config.manual_dir=ROOT/SPLIT/CLASS/*.jpg (see image_folder.py);
+    # classes come from the folder names.
+    "image_folder": DatasetSpec("", "train", "eval", 3, 0, needs_download=False, encoded=True),
 }
 
 # A host TFDS downloads from; probing it first turns a minutes-long retry loop on a machine
@@ -112,6 +121,8 @@ def num_examples(config, split: str) -> int:
     """Examples in the whole split (all processes together)."""
     if config.dataset == "synthetic":
         return config.synthetic_train_size if split == "train" else config.synthetic_eval_size
+    if config.dataset == "image_folder":
+        return image_folder.num_examples(config, split)
     return prepared_builder(config).info.splits[_split_name(config, split)].num_examples
 
 
@@ -121,14 +132,20 @@ def _split_name(config, split: str) -> str:
 
 
 def process_examples(config, split: str) -> tf.data.Dataset:
-    """This process's shard of `split` ('train' or 'eval') as uint8 image / int32 label dicts,
-    in a fixed order (shuffling is the pipeline's job, seeded per epoch)."""
+    """This process's shard of `split` ('train' or 'eval') as image / int32 label dicts, in a
+    fixed order (shuffling is the pipeline's job, seeded per epoch). The image is uint8
+    [H, W, C], or its encoded bytes for datasets whose spec says `encoded`."""
     if config.dataset == "synthetic":
         return _synthetic(config, split)
+    if config.dataset == "image_folder":
+        return image_folder.process_examples(config, split)
     builder = prepared_builder(config)
     split_name = tfds.split_for_jax_process(_split_name(config, split), drop_remainder=False)
     read_config = tfds.ReadConfig(shuffle_seed=0, interleave_cycle_length=1)
-    ds = builder.as_dataset(split=split_name, shuffle_files=False, read_config=read_config)
+    decoders = {"image": tfds.decode.SkipDecoding()} if dataset_spec(config).encoded else None
+    ds = builder.as_dataset(
+        split=split_name, shuffle_files=False, read_config=read_config, decoders=decoders
+    )
     return ds.map(
         lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)},
         num_parallel_calls=tf.data.AUTOTUNE,
@@ -162,3 +179,5 @@ def resolve_dataset_fields(config) -> None:
     spec = dataset_spec(config)
     if spec.num_classes:
         config.num_classes = spec.num_classes
+    elif config.dataset == "image_folder":
+        config.num_classes = len(image_folder.class_names(config))

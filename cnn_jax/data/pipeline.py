@@ -84,20 +84,24 @@ def train_dataset(config, start_step: int = 0) -> tf.data.Dataset:
 
 
 def eval_dataset(config) -> tf.data.Dataset:
-    """This process's eval batches, padded with mask=0 examples to eval_steps() batches."""
-    op = _preprocess_fn(config)
+    """This process's eval batches, padded with mask=0 examples to eval_steps() batches.
+
+    The image fields depend on config.eval_mode (preprocess.eval_view_sides): `image`, the
+    centre crop or the square ten crops come from, or one `image_qQ` per dense scale Q."""
+    _preprocess_fn(config)  # an unknown op is a UserError here
     local_batch = local_batch_size(config)
-    size, channels = config.image_size, datasets.num_channels(config)
+    channels = datasets.num_channels(config)
+    sides = preprocess.eval_view_sides(config)
 
     def prepare(ex):
-        image = op(ex["image"], tf.zeros([2], tf.int64), train=False, config=config)
-        image = tf.ensure_shape(image, [size, size, channels])
-        return {"image": image, "label": ex["label"], "mask": tf.constant(1.0)}
+        views = preprocess.eval_views(ex["image"], config)
+        views = {k: tf.ensure_shape(v, [sides[k], sides[k], channels]) for k, v in views.items()}
+        return {**views, "label": ex["label"], "mask": tf.constant(1.0)}
 
     ds = datasets.process_examples(config, "eval").map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     padding = tf.data.Dataset.from_tensors(
         {
-            "image": tf.zeros([size, size, channels], tf.float32),
+            **{k: tf.zeros([side, side, channels], tf.float32) for k, side in sides.items()},
             "label": tf.constant(0, tf.int32),
             "mask": tf.constant(0.0),
         }

@@ -1,0 +1,145 @@
+"""`image_folder`: the user's own images, laid out as ROOT/SPLIT/CLASS/*.{jpg,jpeg,png} and
+found through TFDS's folder builder (`tfds.ImageFolder`), ROOT being --config.manual_dir.
+
+Classes are the sorted class-folder names over all splits. Training reads the `train` split;
+evaluation the first of `validation`, `val`, `test` that exists.
+
+Bad files. A JPEG that is truncated or is not an image at all would stop a tf.data pipeline
+in the middle of an epoch. So each split is scanned once, when a run first asks for it: every
+file is read and decoded (in parallel, by the same TensorFlow decoder the preprocessing ops
+use), files that fail are counted and reported once with their paths, and the run reads only
+the files that decoded. Examples carry the encoded bytes; the preprocessing op decodes them
+(cnn_jax.data.preprocess.decoded), so a cache holds compressed images.
+
+Every process scans the whole split (its counts define steps per epoch for all of them) and
+then reads its own contiguous share.
+"""
+
+import dataclasses
+import functools
+import os
+import sys
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cnn_jax.errors import UserError
+
+EVAL_SPLIT_NAMES = ("validation", "val", "test")
+# What tfds.ImageFolder lists; anything else in a class folder is ignored, not "bad".
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# A report lists at most this many paths (and says how many more there are).
+MAX_REPORTED_PATHS = 100
+
+_LAYOUT = "ROOT/SPLIT/CLASS/*.jpg"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScannedSplit:
+    paths: tuple[str, ...]  # files that decode, in the folder builder's fixed order
+    labels: tuple[int, ...]
+    bad_paths: tuple[str, ...]  # files that do not decode (skipped)
+
+
+def _root(config) -> str:
+    root = os.path.expanduser(config.manual_dir)
+    if not root:
+        raise UserError(
+            f"--config.dataset=image_folder needs --config.manual_dir=ROOT with images in {_LAYOUT}"
+        )
+    if not os.path.isdir(root):
+        raise UserError(f"--config.manual_dir={root} does not exist")
+    return root
+
+
+@functools.cache
+def _builder(root: str) -> tfds.ImageFolder:
+    return tfds.ImageFolder(root)
+
+
+def _split_name(root: str, split: str) -> str:
+    """'train' or 'eval' -> the folder name of that split under root."""
+    found = set(_builder(root).info.splits.keys())
+    wanted = ("train",) if split == "train" else EVAL_SPLIT_NAMES
+    for name in wanted:
+        if name in found:
+            return name
+    raise UserError(
+        f"--config.manual_dir={root} has no {' / '.join(wanted)} split with images "
+        f"(found: {', '.join(sorted(found)) or 'none'}); expected {_LAYOUT}"
+    )
+
+
+def class_names(config) -> list[str]:
+    return list(_builder(_root(config)).info.features["label"].names)
+
+
+def _listed_files(root: str, split_name: str) -> list[str]:
+    pattern = os.path.join(root, split_name, "*", "*")
+    return [p for p in tf.io.gfile.glob(pattern) if p.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def _decodes(example):
+    """Keeps (filename, label) of an example whose bytes decode; a failure raises, and the
+    scan's ignore_errors drops the element."""
+    image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
+    tf.debugging.assert_positive(tf.size(image))
+    return example["image/filename"], example["label"]
+
+
+@functools.cache
+def scan(root: str, split_name: str) -> ScannedSplit:
+    """Decode every file of one split once; report the ones that fail (once per process)."""
+    builder = _builder(root)
+    ds = builder.as_dataset(split=split_name, decoders={"image": tfds.decode.SkipDecoding()})
+    ds = ds.map(_decodes, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    good = list(ds.ignore_errors().as_numpy_iterator())
+    paths = tuple(path.decode() for path, _ in good)
+    labels = tuple(int(label) for _, label in good)
+    bad = tuple(sorted(set(_listed_files(root, split_name)) - set(paths)))
+    if bad and jax.process_index() == 0:
+        shown = "\n  ".join(bad[:MAX_REPORTED_PATHS])
+        more = len(bad) - MAX_REPORTED_PATHS
+        extra = f"\n  ... and {more} more" if more > 0 else ""
+        print(
+            f"image_folder: skipping {len(bad)} of {len(bad) + len(paths)} files in "
+            f"{os.path.join(root, split_name)} that do not decode as images:\n  {shown}{extra}",
+            file=sys.stderr,
+        )
+    if not paths:
+        raise UserError(
+            f"--config.manual_dir={root}: split {split_name!r} has no decodable images "
+            f"({len(bad)} bad files); expected {_LAYOUT}"
+        )
+    return ScannedSplit(paths, labels, bad)
+
+
+def _scanned(config, split: str) -> ScannedSplit:
+    root = _root(config)
+    if not sum(info.num_examples for info in _builder(root).info.splits.values()):
+        raise UserError(f"--config.manual_dir={root} contains no images; expected {_LAYOUT}")
+    return scan(root, _split_name(root, split))
+
+
+def num_examples(config, split: str) -> int:
+    """Decodable examples in the whole split (all processes together)."""
+    return len(_scanned(config, split).paths)
+
+
+def process_examples(config, split: str) -> tf.data.Dataset:
+    """This process's share of `split` as {'image': encoded bytes, 'label': int32}."""
+    scanned = _scanned(config, split)
+    bounds = np.linspace(0, len(scanned.paths), jax.process_count() + 1).astype(int)
+    lo, hi = bounds[jax.process_index()], bounds[jax.process_index() + 1]
+    ds = tf.data.Dataset.from_tensor_slices(
+        (
+            tf.constant(scanned.paths[lo:hi], tf.string, shape=[hi - lo]),
+            tf.constant(scanned.labels[lo:hi], tf.int32, shape=[hi - lo]),
+        )
+    )
+    return ds.map(
+        lambda path, label: {"image": tf.io.read_file(path), "label": label},
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )

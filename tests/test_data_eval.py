@@ -1,0 +1,476 @@
+"""Per-paper preprocessing, evaluation modes, folder datasets, eval_only, the plateau policy and
+the pictures (cnn_jax/data/preprocess.py, data/image_folder.py, evaluate.py, visualize.py)."""
+
+import contextlib
+import io
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+import pytest
+import tensorflow as tf
+
+from cnn_jax import defaults, evaluate, optim, parallel, train, validation, visualize
+from cnn_jax.data import pipeline, preprocess
+from cnn_jax.errors import UserError
+from cnn_jax.parallel import DATA_AXIS
+
+
+def _config(**overrides):
+    c = defaults.get_default_config()
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def _rgb(h, w, seed=0):
+    return np.random.RandomState(seed).randint(0, 256, (h, w, 3)).astype(np.uint8)
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _jpeg_bytes(image):
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+# --- Preprocessing ops ----------------------------------------------------------------------
+
+OP_CASES = [
+    ("alexnet", _rgb(40, 50), {}),
+    ("alexnet", _jpeg_bytes(_rgb(40, 50)), {}),  # encoded input: the op decodes
+    ("vgg", _rgb(50, 40), {}),
+    ("vgg", _rgb(50, 40), {"train_scale_min": 384, "train_scale_max": 384}),
+    ("lenet", _rgb(28, 28)[..., :1], {"lenet_distortions": True}),
+    ("scale_to_unit", _rgb(40, 40), {}),
+]
+
+
+@pytest.mark.parametrize("name,image,overrides", OP_CASES)
+def test_op_gives_the_same_result_eagerly_and_in_tf_data(name, image, overrides):
+    config = _config(image_size=32, preprocess=name, **overrides)
+    op = preprocess.PREPROCESSORS[name]
+    for train_mode in (True, False):
+        seeds = [tf.constant([7, i], tf.int64) for i in range(3)]
+        eager = [op(tf.constant(image), s, train=train_mode, config=config).numpy() for s in seeds]
+        ds = tf.data.Dataset.from_tensor_slices(tf.stack(seeds)).map(
+            lambda s, train_mode=train_mode: op(
+                tf.constant(image), s, train=train_mode, config=config
+            )
+        )
+        mapped = list(ds.as_numpy_iterator())
+        for a, b in zip(eager, mapped, strict=True):
+            assert a.shape == (32, 32, 3 if name != "lenet" else 1) and a.dtype == np.float32
+            np.testing.assert_allclose(a, b, atol=1e-4)
+        if train_mode and name != "scale_to_unit":
+            assert not np.allclose(eager[0], eager[1]), "different seeds, same augmentation"
+
+
+def _coordinate_image(side):
+    """R = row, G = column, B = 0: a pixel says where it came from."""
+    rows, cols = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    return np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8)
+
+
+def test_alexnet_crops_are_windows_of_the_256_square_and_flips_mirror_them():
+    config = _config(image_size=224, preprocess="alexnet", pca_lighting_std=0.0)
+    image = tf.constant(_coordinate_image(256))
+    corners, flips = set(), set()
+    for i in range(12):
+        out = preprocess.alexnet(image, tf.constant([1, i], tf.int64), train=True, config=config)
+        pixels = np.rint(out.numpy() + preprocess.IMAGENET_MEAN_RGB).astype(int)
+        top, left = pixels[0, 0, 0], pixels[0, :, 1].min()
+        rows = np.broadcast_to((top + np.arange(224))[:, None], (224, 224))
+        np.testing.assert_array_equal(pixels[:, :, 0], rows)
+        cols = left + np.arange(224)
+        flipped = pixels[0, 0, 1] != left
+        np.testing.assert_array_equal(pixels[0, :, 1], cols[::-1] if flipped else cols)
+        assert 0 <= top <= 32 and 0 <= left <= 32
+        corners.add((top, left))
+        flips.add(flipped)
+    assert len(corners) > 6 and flips == {True, False}
+    centre = preprocess.alexnet(image, tf.zeros([2], tf.int64), train=False, config=config)
+    pixels = np.rint(centre.numpy() + preprocess.IMAGENET_MEAN_RGB).astype(int)
+    assert pixels[0, 0, 0] == 16 and pixels[0, 0, 1] == 16 and pixels[-1, -1, 1] == 239
+
+
+def test_alexnet_rescales_the_shorter_side_and_keeps_the_central_square():
+    config = _config(image_size=224, preprocess="alexnet")
+    square = preprocess.rescaled_square(tf.constant(_rgb(300, 600)), 256)
+    assert square.shape == (256, 256, 3)
+    resized = preprocess.resize_shorter_side(tf.constant(_rgb(300, 600)), 256)
+    assert resized.shape == (256, 512, 3)
+    # small images (CIFAR-10 into a 224 net) are upsampled by the same resize
+    out = preprocess.alexnet(
+        tf.constant(_rgb(32, 32)), tf.zeros([2], tf.int64), train=True, config=config
+    )
+    assert out.shape == (224, 224, 3)
+
+
+def test_vgg_draws_the_training_scale_from_its_range():
+    """A vertical ramp rescaled to S has a slope that identifies S: the crops reveal the S
+    drawn for each image."""
+    config = _config(
+        image_size=32,
+        preprocess="vgg",
+        pca_lighting_std=0.0,
+        train_scale_min=256,
+        train_scale_max=512,
+    )  # S in [37, 73]
+    side = 80
+    ramp = np.repeat(np.arange(side, dtype=np.uint8)[:, None], side, 1)
+    image = tf.constant(np.stack([ramp] * 3, -1))
+
+    def slope(x):
+        return np.median(np.diff(np.asarray(x)[:, 5, 0]))
+
+    slope_of = {s: slope(preprocess.resize_shorter_side(image, s)) for s in range(30, 90)}
+    scales = set()
+    for i in range(24):
+        out = preprocess.vgg(image, tf.constant([3, i], tf.int64), train=True, config=config)
+        measured = slope(out)
+        scales.add(min(slope_of, key=lambda s, m=measured: abs(slope_of[s] - m)))
+    assert min(scales) >= 37 and max(scales) <= 73 and len(scales) >= 8, scales
+
+
+def test_pca_colour_shift_has_the_stated_mean_and_covariance():
+    """alpha_i ~ N(0, 0.1): offset = 255 V (alpha * lambda), so its mean is 0 and its
+    covariance 255^2 0.01 V diag(lambda^2) V^T."""
+    n = 20000
+    shifts = next(
+        iter(
+            tf.data.Dataset.range(n)
+            .map(
+                lambda i: preprocess.pca_colour_shift(tf.stack([tf.constant(5, tf.int64), i]), 0.1)
+            )
+            .batch(n)
+        )
+    ).numpy()
+    vecs, vals = preprocess.IMAGENET_PCA_EIGENVECTORS, preprocess.IMAGENET_PCA_EIGENVALUES
+    want_cov = 255.0**2 * 0.01 * vecs @ np.diag(vals**2) @ vecs.T
+    std = np.sqrt(np.diag(want_cov))
+    assert np.all(np.abs(shifts.mean(0)) < 4 * std / np.sqrt(n))
+    np.testing.assert_allclose(np.cov(shifts.T), want_cov, rtol=0.05, atol=0.05 * std.max() ** 2)
+    # The op adds one offset per image: on a flat grey image train - eval is that constant.
+    config = _config(image_size=32, preprocess="alexnet")
+    grey = tf.constant(np.full((40, 40, 3), 128, np.uint8))
+    diff = preprocess.alexnet(
+        grey, tf.constant([0, 1], tf.int64), train=True, config=config
+    ) - preprocess.alexnet(grey, tf.zeros([2], tf.int64), train=False, config=config)
+    np.testing.assert_allclose(
+        diff.numpy(), np.broadcast_to(diff.numpy()[0, 0], diff.shape), atol=1e-3
+    )
+    assert np.abs(diff.numpy()[0, 0]).max() > 0
+
+
+def test_lenet_distortions_only_in_training_and_background_fills_the_border():
+    config = _config(image_size=32, preprocess="lenet", lenet_distortions=True)
+    digit = np.zeros((28, 28, 1), np.uint8)
+    digit[8:20, 12:16] = 255
+    plain = preprocess.lenet(digit, tf.zeros([2], tf.int64), train=False, config=config).numpy()
+    bent = preprocess.lenet(digit, tf.constant([0, 3], tf.int64), train=True, config=config).numpy()
+    assert not np.allclose(plain, bent)
+    np.testing.assert_allclose(bent[0], preprocess.LENET_BACKGROUND, atol=1e-6)
+    assert bent.max() > 1.0  # the stroke survives the transform
+
+
+# --- Evaluation -----------------------------------------------------------------------------
+
+
+class _Scores(nn.Module):
+    """A stand-in classifier: a 3x3 conv whose score map is averaged (not mirror-symmetric,
+    so flips matter). With dense=False it only accepts image_size inputs, like the real nets."""
+
+    classes: int = 7
+    size: int = 12
+
+    @nn.compact
+    def __call__(self, x, *, train=False, dense=False):
+        del train
+        if not dense:
+            assert x.shape[1] == self.size, x.shape
+        return jnp.mean(nn.Conv(self.classes, (3, 3), padding="VALID")(x), axis=(1, 2))
+
+
+def _state(params):
+    return train.TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=params,
+        batch_stats={},
+        opt_state=(),
+        rng=jax.random.key(0),
+    )
+
+
+def _run_step(fn, config, model, params, batch):
+    mesh = parallel.make_mesh(config)
+    state = _state(params)
+    specs = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), state)
+    batch_spec = {k: jax.sharding.PartitionSpec(DATA_AXIS) for k in batch}
+    step = parallel.compile_per_device(
+        lambda s, b: fn(s, b, model=model, config=config),
+        mesh,
+        (specs, batch_spec),
+        jax.sharding.PartitionSpec(),
+    )
+    return jax.device_get(step(state, batch))
+
+
+def _expected_sums(probs, labels, mask):
+    true = probs[np.arange(len(labels)), labels]
+    return {
+        "loss": np.sum(-np.log(true) * mask),
+        "count": mask.sum(),
+        "accuracy": np.sum((probs.argmax(-1) == labels) * mask),
+    }
+
+
+def test_ten_crop_views_are_the_corners_the_centre_and_their_mirrors():
+    images = jnp.arange(2 * 7 * 7).reshape(2, 7, 7, 1).astype(jnp.float32)
+    views = np.asarray(evaluate.ten_crop_views(images, 4))
+    assert views.shape == (10, 2, 4, 4, 1)
+    x = np.asarray(images)
+    want = [x[:, :4, :4], x[:, :4, 3:], x[:, 3:, :4], x[:, 3:, 3:], x[:, 1:5, 1:5]]
+    for i, w in enumerate(want):
+        np.testing.assert_array_equal(views[i], w)
+        np.testing.assert_array_equal(views[5 + i], w[:, :, ::-1])
+
+
+def test_ten_crop_step_averages_the_softmax_of_the_ten_views():
+    config = _config(image_size=12, num_classes=7)
+    model = _Scores(size=12)
+    images = np.random.RandomState(0).normal(size=(8, 14, 14, 3)).astype(np.float32)
+    labels = np.arange(8, dtype=np.int32) % 7
+    mask = np.array([1, 1, 1, 1, 1, 1, 1, 0], np.float32)
+    params = model.init(jax.random.key(1), images[:, :12, :12])["params"]
+    batch = {"image": images, "label": labels, "mask": mask}
+    got = _run_step(evaluate.ten_crop_step, config, model, params, batch)
+
+    views = evaluate.ten_crop_views(jnp.asarray(images), 12)
+    probs = np.mean([jax.nn.softmax(model.apply({"params": params}, v)) for v in views], 0)
+    want = _expected_sums(probs, labels, mask)
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-4)
+    assert "top5_accuracy" in got
+
+
+def test_dense_eval_at_256_and_384_averages_scales_and_mirrors():
+    config = _config(
+        image_size=224, num_classes=7, eval_mode="dense", preprocess="vgg", eval_scales=(256, 384)
+    )
+    assert preprocess.eval_view_sides(config) == {"image_q256": 256, "image_q384": 384}
+    views = preprocess.eval_views(tf.constant(_rgb(300, 400)), config)
+    assert {k: tuple(v.shape) for k, v in views.items()} == {
+        "image_q256": (256, 256, 3),
+        "image_q384": (384, 384, 3),
+    }
+
+    model = _Scores()
+    rng = np.random.RandomState(1)
+    batch = {
+        "image_q256": rng.normal(size=(8, 256, 256, 3)).astype(np.float32),
+        "image_q384": rng.normal(size=(8, 384, 384, 3)).astype(np.float32),
+        "label": np.arange(8, dtype=np.int32) % 7,
+        "mask": np.ones(8, np.float32),
+    }
+    params = model.init(jax.random.key(2), batch["image_q256"][:1], dense=True)["params"]
+    got = _run_step(evaluate.dense_step, config, model, params, batch)
+
+    def posterior(x):
+        return jax.nn.softmax(model.apply({"params": params}, x, dense=True))
+
+    per_scale = [
+        (posterior(batch[k]) + posterior(batch[k][:, :, ::-1])) / 2
+        for k in ("image_q256", "image_q384")
+    ]
+    want = _expected_sums(np.mean(per_scale, 0), batch["label"], batch["mask"])
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-4)
+    # ... and the average is not just one of the scales
+    assert not np.allclose(per_scale[0], per_scale[1], atol=1e-3)
+
+
+def test_eval_modes_are_checked_before_anything_compiles():
+    with pytest.raises(UserError, match="eval_mode=dense needs a model"):
+        validation.check_config(
+            _config(
+                model="lenet5_modern",
+                preprocess="scale_to_unit",
+                dataset="synthetic",
+                eval_mode="dense",
+            ),
+            8,
+        )
+    with pytest.raises(UserError, match=r"eval_mode=ten_crop needs --config\.preprocess"):
+        validation.check_config(_config(eval_mode="ten_crop"), 8)
+    with pytest.raises(UserError, match=r"preprocess=alexnet.*needs 3"):
+        validation.check_config(_config(preprocess="alexnet", model="lenet5_modern"), 8)
+    with pytest.raises(UserError, match="train_scale_min"):
+        validation.check_config(
+            _config(
+                preprocess="vgg", dataset="synthetic", model="lenet5_modern", train_scale_min=600
+            ),
+            8,
+        )
+
+
+# --- Folder datasets, eval_only, pictures ---------------------------------------------------
+
+
+def _write_folder(root, corrupt=True):
+    rng = np.random.RandomState(0)
+    for split, per_class in (("train", 8), ("val", 4)):
+        for c, name in enumerate(("cat", "dog")):
+            os.makedirs(os.path.join(root, split, name))
+            for i in range(per_class):
+                image = (rng.rand(36, 44, 3) * 80 + 120 * c).astype(np.uint8)
+                PIL.Image.fromarray(image).save(os.path.join(root, split, name, f"{i}.jpg"))
+    bad = []
+    if corrupt:
+        with open(os.path.join(root, "train", "cat", "0.jpg"), "rb") as f:
+            good = f.read()
+        bad = [
+            os.path.join(root, "train", "cat", "truncated.jpg"),
+            os.path.join(root, "train", "dog", "not_an_image.jpg"),
+        ]
+        for path, content in zip(bad, [good[: len(good) // 2], b"this is not a JPEG"], strict=True):
+            with open(path, "wb") as f:
+                f.write(content)
+    return bad
+
+
+def _folder_config(root, **overrides):
+    return _config(
+        model="lenet5_modern",
+        dataset="image_folder",
+        manual_dir=root,
+        image_size=32,
+        preprocess="alexnet",
+        eval_mode="ten_crop",
+        batch_size=8,
+        num_train_steps=4,
+        log_every_steps=2,
+        eval_every_epochs=1000.0,
+        progress_bar=False,
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """AlexNet's augmentation and ten-crop evaluation on a folder of JPEGs with two bad files,
+    trained by train_and_evaluate (LeNet-sized model on 32x32 crops: the data path is tested)."""
+    root = str(tmp_path_factory.mktemp("folder"))
+    bad = _write_folder(root)
+    workdir = str(tmp_path_factory.mktemp("run"))
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        state = train.train_and_evaluate(_folder_config(root), workdir)
+    return {
+        "root": root,
+        "bad": bad,
+        "workdir": workdir,
+        "stderr": stderr.getvalue(),
+        "state": state,
+    }
+
+
+def test_folder_with_corrupt_jpegs_trains_and_reports_them_once(folder_run):
+    assert int(folder_run["state"].step) == 4
+    report = folder_run["stderr"]
+    assert report.count("image_folder: skipping 2 of 18 files") == 1, report
+    for path in folder_run["bad"]:
+        assert report.count(path) == 1
+    records = _read_jsonl(os.path.join(folder_run["workdir"], "metrics.jsonl"))
+    evals = [r for r in records if r["split"] == "eval"]
+    assert len(evals) == 1 and 0.0 <= evals[0]["accuracy"] <= 1.0
+    config = _read_json(os.path.join(folder_run["workdir"], "config.json"))
+    assert config["num_classes"] == 2
+
+
+def test_eval_only_writes_results_and_needs_a_checkpoint(folder_run, tmp_path):
+    workdir = folder_run["workdir"]
+    train.train_and_evaluate(_folder_config(folder_run["root"], eval_only=True), workdir)
+    results = _read_json(os.path.join(workdir, "eval_results.json"))
+    assert results["step"] == 4 and results["eval_mode"] == "ten_crop"
+    assert results["num_examples"] == 8 and 0.0 <= results["accuracy"] <= 1.0
+    records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    last = [r for r in records if r["split"] == "eval"][-1]
+    assert last["accuracy"] == results["accuracy"]
+    with pytest.raises(UserError, match="no checkpoint"):
+        train.train_and_evaluate(
+            _folder_config(folder_run["root"], eval_only=True), str(tmp_path / "empty")
+        )
+
+
+def test_folder_without_images_is_one_clear_error(tmp_path):
+    os.makedirs(tmp_path / "train" / "cat")
+    with pytest.raises(UserError, match="no images"):
+        train.Trainer(_folder_config(str(tmp_path)))
+    with pytest.raises(UserError, match=r"needs --config\.manual_dir"):
+        train.Trainer(_folder_config(""))
+
+
+def test_eval_pipeline_carries_the_ten_crop_square(folder_run):
+    config = _folder_config(folder_run["root"])
+    batch = next(pipeline.eval_dataset(config).as_numpy_iterator())
+    side = preprocess.ten_crop_side(config)
+    assert side == 37 and batch["image"].shape == (8, side, side, 3)
+
+
+def test_visualize_writes_curves_and_feature_maps(folder_run, tmp_path):
+    written = visualize.write_pictures(folder_run["workdir"], str(tmp_path))
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == ["curves.png", "lenet_feature_maps.png"]
+    for path in written:
+        assert PIL.Image.open(path).size[0] > 300 and os.path.getsize(path) < 200_000
+
+
+def test_alexnet_conv1_picture_has_one_panel_per_tower(tmp_path):
+    kernel = np.random.RandomState(0).normal(size=(11, 11, 3, 96)).astype(np.float32)
+    mosaic = visualize._mosaic(kernel[..., :48], 16)
+    assert mosaic.shape == (3 * 12 + 1, 16 * 12 + 1, 3) and 0 <= mosaic.min() <= mosaic.max() <= 1
+    path = str(tmp_path / "conv1.png")
+    visualize.plot_alexnet_conv1({"conv1": {"kernel": kernel}}, 2, path, step=0)
+    assert os.path.getsize(path) > 1000
+
+
+# --- The papers' learning-rate policy -------------------------------------------------------
+
+
+def test_plateau_policy_divides_by_ten_after_patience_at_most_three_times():
+    config = _config(
+        lr_schedule="plateau", plateau_patience=2, plateau_max_drops=3, learning_rate=0.1
+    )
+    tx = optim.make_optimizer(config, steps_per_epoch=10, total_steps=100)
+    params = {"w": jnp.ones(3)}
+    opt_state = tx.init(params)
+    plateau = optim.find_plateau_state(opt_state)
+    factors = []
+    for accuracy in [0.5, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]:
+        plateau = optim.plateau_update(plateau, accuracy, config)
+        factors.append(float(plateau.factor))
+    # improves, improves, flat, flat -> /10; improves; then flat pairs -> /10 twice more, no more
+    np.testing.assert_allclose(
+        factors, [1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3], rtol=1e-5
+    )
+    assert int(plateau.drops) == 3
+    # The factor scales the update the optimiser makes.
+    grads = {"w": jnp.ones(3)}
+    full, _ = tx.update(grads, opt_state, params)
+    lowered, _ = tx.update(grads, optim.replace_plateau_state(opt_state, plateau), params)
+    np.testing.assert_allclose(lowered["w"], full["w"] * 1e-3, rtol=1e-5)
+    assert float(jnp.abs(full["w"]).min()) > 0
