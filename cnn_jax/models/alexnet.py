@@ -1,0 +1,232 @@
+"""AlexNet (Krizhevsky, Sutskever, Hinton, "ImageNet Classification with Deep Convolutional
+Neural Networks", NIPS 2012), with the paper's two-GPU split (Sec. 3.2, Fig. 2) kept as the
+architecture it is: two towers that talk only at conv3 and the fully-connected layers.
+
+At 224x224, 1000 classes ("same" = reads only its own tower's maps; "both" = all maps):
+
+    layer  kernel      maps (x2 towers)  output  reads  then                 parameters
+    conv1  11x11 /4     48                55x55          ReLU, LRN, pool 3/2       34,944
+    conv2   5x5  /1    128                27x27  same    ReLU, LRN, pool 3/2      307,456
+    conv3   3x3  /1    192                13x13  both    ReLU                     885,120
+    conv4   3x3  /1    192                13x13  same    ReLU                     663,936
+    conv5   3x3  /1    128                13x13  same    ReLU, pool 3/2           442,624
+    fc6    6x6x256 -> 2048                       both    ReLU, dropout         37,752,832
+    fc7       4096 -> 2048                       both    ReLU, dropout         16,781,312
+    fc8       4096 -> 1000 (not split)           both                           4,097,000
+                                                                               60,965,224
+
+Spatial sizes 224 -> 55 -> 27 -> 13 -> 6 come from cuda-convnet's arithmetic, which the
+paper's 224 was run with: a layer has 1 + ceil((S - kernel) / stride) positions, the last one
+hanging over the bottom/right edge into zeros. conv1: 1 + ceil(213 / 4) = 55, i.e. 3 zero
+rows/columns on the bottom/right (no padding on the top/left). Pools: (55 - 3) / 2 + 1 = 27,
+(27 - 3) / 2 + 1 = 13, (13 - 3) / 2 + 1 = 6, exact. conv2 pads 2 and conv3-5 pad 1 on every
+side, so they keep the size.
+
+One module, two ways to run it (`tower_axis`):
+- None: one device computes both towers. conv2/4/5 are grouped convolutions
+  (feature_group_count=2) and LRN runs within each tower, so no tower reads the other's maps.
+- a mesh axis name ('model'): the module runs per device inside shard_map over a 2-device axis
+  and computes only its own tower, all-gathering activations over the axis before conv3, fc6,
+  fc7 and fc8 and nowhere else -- the paper's GPU-to-GPU transfers. The gather before fc8
+  is invariant (every tower device then computes the same scores), so the loss on top of it
+  is differentiated once, not once per tower.
+`init` always builds the global parameters (both towers, on one device), and the global arrays
+mean the same in both ways: a tower's conv1/conv2/conv4/conv5 kernels and its half of the
+output units of conv3, fc6 and fc7 are the matching half of each array's last axis (conv2's
+kernel is (5, 5, 48, 256), a grouped-convolution kernel). `param_partition_specs` says so,
+so one checkpoint serves one device, data parallelism and the tower split.
+
+Differences from the paper, on purpose: dropout is the inverted kind (kept units scaled by
+1/(1-p) in training) instead of halving the outputs at test time, the same in expectation.
+Inputs of any side >= 64 run; fc6's fan-in follows the last map's size (6x6 at 224), so only
+224 has the paper's parameter count. `width_divisor` divides every width, for tests.
+"""
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from cnn_jax.models.layers import local_response_norm
+
+TOWERS = 2
+TOWER_MAPS = (48, 128, 192, 192, 128)  # conv1..conv5 maps per tower (Sec. 3.5, Fig. 2)
+FC_UNITS = 4096  # fc6, fc7
+CONV1_KERNEL, CONV1_STRIDE = 11, 4
+POOL_WINDOW, POOL_STRIDE = 3, 2  # overlapping pooling (Sec. 3.4)
+# The smallest side that leaves a 1x1 map after the third pool: conv1 gives 15 positions,
+# the pools 7, 3, 1.
+MIN_IMAGE_SIZE = 64
+# Layers whose output units (the last axis of kernel and bias) are split between the towers.
+SPLIT_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")
+# A width divisor must divide every width (their greatest common divisor is 16).
+WIDTH_DIVISORS = (1, 2, 4, 8, 16)
+
+# Sec. 5: "We initialized the weights in each layer from a zero-mean Gaussian distribution
+# with standard deviation 0.01. We initialized the neuron biases in the second, fourth, and
+# fifth convolutional layers, as well as in the fully-connected hidden layers, with the
+# constant 1 ... [this] provid[es] the ReLUs with positive inputs."
+WEIGHT_INIT = nn.initializers.normal(stddev=0.01)
+ONE_BIAS_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
+
+
+def conv1_padding(side: int) -> tuple[int, int]:
+    """(top/left, bottom/right) zero padding giving cuda-convnet's 1 + ceil((S - 11) / 4)
+    positions: (0, 3) at 224, (0, 0) at 227."""
+    positions = 1 + math.ceil((side - CONV1_KERNEL) / CONV1_STRIDE)
+    return 0, (positions - 1) * CONV1_STRIDE + CONV1_KERNEL - side
+
+
+def _bias_init(name: str):
+    return nn.initializers.ones if name in ONE_BIAS_LAYERS else nn.initializers.zeros
+
+
+def _per_tower(fn, x: jax.Array, towers: int) -> jax.Array:
+    """Apply fn to each tower's maps separately (maps are tower-major on the last axis)."""
+    if towers == 1:
+        return fn(x)
+    split = x.reshape(*x.shape[:-1], towers, x.shape[-1] // towers)
+    return fn(split).reshape(x.shape)
+
+
+def _pool(x: jax.Array) -> jax.Array:
+    window, stride = (POOL_WINDOW, POOL_WINDOW), (POOL_STRIDE, POOL_STRIDE)
+    return nn.max_pool(x, window, strides=stride, padding="VALID")
+
+
+def replicated_all_gather(y: jax.Array, axis_name: str) -> jax.Array:
+    """All-gather along the last axis for a computation every device of `axis_name` then
+    repeats identically (fc8 and the loss). Its transpose keeps each device's own slice of
+    the (identical) cotangent; a plain all-gather's sums the copies, doubling the gradient.
+
+    Under shard_map that is `all_gather(to='invarying')`, whose result the type system knows
+    to be replicated. pmap (vma not tracked) and vmap do not support that primitive in JAX
+    0.10, so there the same transpose is a custom VJP."""
+    if axis_name in jax.typeof(y).mat.varying:  # the mesh axes y varies over (check_vma)
+        return lax.all_gather(y, axis_name, axis=y.ndim - 1, tiled=True, to="invarying")
+    return _gather_keep_own_cotangent(y, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gather_keep_own_cotangent(y, axis_name):
+    return lax.all_gather(y, axis_name, axis=y.ndim - 1, tiled=True)
+
+
+def _gather_fwd(y, axis_name):
+    return _gather_keep_own_cotangent(y, axis_name), y.shape[-1]
+
+
+def _gather_bwd(axis_name, width, cotangent):
+    start = lax.axis_index(axis_name) * width
+    return (lax.dynamic_slice_in_dim(cotangent, start, width, axis=cotangent.ndim - 1),)
+
+
+_gather_keep_own_cotangent.defvjp(_gather_fwd, _gather_bwd)
+
+
+class AlexNet(nn.Module):
+    """AlexNet; `towers=2` is the paper's net, `towers=1` the single-tower variant with the
+    same widths and full connectivity at every layer (62,378,344 parameters at 224)."""
+
+    num_classes: int = 1000
+    dropout_rate: float = 0.5
+    dtype: Any = jnp.float32
+    towers: int = TOWERS
+    tower_axis: str | None = None
+    width_divisor: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        # init builds the global parameters on one device even for a tower-split module
+        # (there is no mesh axis to gather over outside shard_map).
+        split = self.tower_axis is not None and not self.is_initializing()
+        if self.tower_axis is not None and self.towers != TOWERS:
+            raise ValueError("only the two-tower AlexNet splits over a mesh axis")
+        # Towers computed on this device: both (one device), or its own one (split).
+        here = 1 if split else self.towers
+        if split and lax.axis_size(self.tower_axis) != self.towers:
+            raise ValueError(f"axis {self.tower_axis!r} must have {self.towers} devices")
+        maps = [m * TOWERS // self.width_divisor for m in TOWER_MAPS]  # whole layer, all towers
+        fc_units = FC_UNITS // self.width_divisor
+
+        def conv(name, y, kernel, *, padding, stride=1, same_tower=False):
+            return nn.Conv(
+                maps[int(name[-1]) - 1] * here // self.towers,
+                (kernel, kernel),
+                strides=(stride, stride),
+                padding=padding,
+                # A grouped convolution keeps each tower's maps apart; with one tower
+                # here it is an ordinary convolution over that tower's maps.
+                feature_group_count=here if same_tower else 1,
+                kernel_init=WEIGHT_INIT,
+                bias_init=_bias_init(name),
+                dtype=self.dtype,
+                name=name,
+            )(y)
+
+        def dense(name, y, units):
+            return nn.Dense(
+                units, kernel_init=WEIGHT_INIT, bias_init=_bias_init(name),
+                dtype=self.dtype, name=name,
+            )(y)  # fmt: skip
+
+        def gather(y, *, replicated=False):
+            """The paper's cross-GPU transfer: both towers' maps, tower 0's first."""
+            if not split:
+                return y
+            if replicated:
+                return replicated_all_gather(y, self.tower_axis)
+            return lax.all_gather(y, self.tower_axis, axis=y.ndim - 1, tiled=True)
+
+        def lrn(y):
+            return _per_tower(local_response_norm, y, here)  # Sec. 3.3, within a tower
+
+        x = x.astype(self.dtype)
+        pad1 = conv1_padding(x.shape[1]), conv1_padding(x.shape[2])
+        x = conv("conv1", x, CONV1_KERNEL, stride=CONV1_STRIDE, padding=pad1)
+        x = _pool(lrn(nn.relu(x)))
+        x = _pool(lrn(nn.relu(conv("conv2", x, 5, padding=2, same_tower=True))))
+        x = nn.relu(conv("conv3", gather(x), 3, padding=1))
+        x = nn.relu(conv("conv4", x, 3, padding=1, same_tower=True))
+        x = _pool(nn.relu(conv("conv5", x, 3, padding=1, same_tower=True)))
+        x = gather(x).reshape(x.shape[0], -1)  # (N, 6*6*256) at 224: both towers' maps
+        x = self._dropout(nn.relu(dense("fc6", x, fc_units * here // self.towers)), train, split)
+        x = gather(x)
+        x = self._dropout(nn.relu(dense("fc7", x, fc_units * here // self.towers)), train, split)
+        # Invariant gather: fc8 and the loss are then one replicated computation, whose
+        # gradient comes back to each tower once (sliced), not once per device (summed).
+        x = dense("fc8", gather(x, replicated=True), self.num_classes)
+        return x.astype(jnp.float32)
+
+    def _dropout(self, x: jax.Array, train: bool, split: bool) -> jax.Array:
+        """Dropout 0.5 on fc6 and fc7 (Sec. 4.2). The mask is drawn for the whole layer from
+        the same key on every tower device and each keeps its own half, so the split
+        network drops exactly the units the one-device network does."""
+        if not train or self.dropout_rate == 0.0:
+            return x
+        rng = self.make_rng("dropout")
+        keep_prob = 1.0 - self.dropout_rate
+        width = x.shape[-1] * (self.towers if split else 1)
+        keep = jax.random.bernoulli(rng, keep_prob, (x.shape[0], width))
+        if split:
+            start = lax.axis_index(self.tower_axis) * x.shape[-1]
+            keep = lax.dynamic_slice_in_dim(keep, start, x.shape[-1], axis=1)
+        return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
+
+    @nn.nowrap
+    def param_partition_specs(self, params) -> Any:
+        """PartitionSpec of each parameter array: the tower-split layers' last axis over
+        `tower_axis`, fc8 replicated; everything replicated when the module is not split."""
+
+        def spec(path, leaf):
+            layer = path[0].key
+            if self.tower_axis is None or layer not in SPLIT_LAYERS:
+                return P()
+            return P(*([None] * (leaf.ndim - 1)), self.tower_axis)
+
+        return jax.tree_util.tree_map_with_path(spec, params)
