@@ -69,14 +69,29 @@ def setup_runtime() -> None:
     import jax
 
     if _launched_as_multi_process():
-        jax.distributed.initialize()
+        jax.distributed.initialize(**_process_args())
+
+
+def _process_args() -> dict:
+    """The job's size and this process's rank where the launcher states them
+    (launch/processes.sh, a multi-node GPU job started by hand). JAX reads
+    JAX_COORDINATOR_ADDRESS itself and detects Cloud TPU, SLURM and Open MPI jobs."""
+    env, args = os.environ, {}
+    if "JAX_NUM_PROCESSES" in env:
+        args["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+    if "JAX_PROCESS_ID" in env:
+        args["process_id"] = int(env["JAX_PROCESS_ID"])
+    return args
 
 
 def _launched_as_multi_process() -> bool:
     # Cloud TPU VM slices, SLURM and Open MPI set these; jax.distributed picks the rest up.
+    # CNN_JAX_MULTIPROCESS=1 asks for it where nothing in the environment says so (a Cloud
+    # TPU VM's ssh shell: JAX reads the slice from the VM's metadata; launch/tpu_vm.sh).
     env = os.environ
     return bool(
-        env.get("JAX_COORDINATOR_ADDRESS")
+        env.get("CNN_JAX_MULTIPROCESS") == "1"
+        or env.get("JAX_COORDINATOR_ADDRESS")
         or int(env.get("JAX_NUM_PROCESSES", "1")) > 1
         or (env.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") > 0)
         or int(env.get("SLURM_NTASKS", "1")) > 1

@@ -49,6 +49,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx, config) -> tuple[Tr
     Parameters arrive replicated (unvarying over 'data'). They are cast to varying first so
     that the gradient is this device's own; without the cast, shard_map's autodiff already
     sums it over 'data', and the pmean below would scale it by the data-axis size.
+
+    Over 'model' (AlexNet's towers, each device holding its tower's parameters) nothing more
+    is needed: the model's all-gather before its classifier is invariant, so the scores and
+    the loss are one replicated computation whose gradient reaches each tower once.
     """
     step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                                   lax.axis_index(DATA_AXIS))  # fmt: skip
@@ -78,7 +82,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, config) -> tuple[Tr
     metrics = {
         "loss": lax.pmean(loss, DATA_AXIS),
         "accuracy": lax.pmean(jnp.mean(losses.topk_correct(scores, batch["label"], 1)), DATA_AXIS),
-        "grad_norm": optax.tree.norm(grads),
+        # The norm of all gradients, also those split over the towers' devices.
+        "grad_norm": parallel.global_norm(grads, models.param_specs(model, grads)),
     }
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
@@ -101,9 +106,20 @@ def eval_step(state: TrainState, batch: dict, *, model, config) -> dict:
     return lax.psum(sums, DATA_AXIS)
 
 
-def state_specs(state: TrainState):
-    """PartitionSpecs of the state: replicated everywhere for data parallelism."""
-    return jax.tree.map(lambda _: P(), state)
+def state_specs(state: TrainState, model, tx) -> TrainState:
+    """PartitionSpecs of the state: every array replicated over 'data'; over 'model', each
+    parameter and the optimiser's buffers for it where the model puts it (AlexNet's tower
+    layers split, see models.param_specs), everything else replicated."""
+    params = models.param_specs(model, state.params)
+    opt_state = optax.tree_map_params(
+        tx, lambda _, spec: spec, state.opt_state, params,
+        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P),
+    )  # fmt: skip
+    replicated = lambda tree: jax.tree.map(lambda _: P(), tree)
+    return TrainState(
+        step=P(), params=params, batch_stats=replicated(state.batch_stats),
+        opt_state=opt_state, rng=P(),
+    )  # fmt: skip
 
 
 def create_train_state(config, model, tx, mesh, input_shape) -> TrainState:
@@ -123,7 +139,7 @@ def create_train_state(config, model, tx, mesh, input_shape) -> TrainState:
         )
 
     abstract = jax.eval_shape(init, jax.random.key(0))
-    out_shardings = parallel.shardings(mesh, state_specs(abstract))
+    out_shardings = parallel.shardings(mesh, state_specs(abstract, model, tx))
     return jax.jit(init, out_shardings=out_shardings)(jax.random.key(config.seed))
 
 
@@ -157,15 +173,16 @@ class Trainer:
 
     @functools.cached_property
     def _specs(self):
-        return state_specs(jax.eval_shape(self.init_state))
+        return state_specs(jax.eval_shape(self.init_state), self.model, self.tx)
 
     @functools.cached_property
     def train_step(self):
         step = functools.partial(train_step, model=self.model, tx=self.tx, config=self.config)
         batch_spec = {"image": P(DATA_AXIS), "label": P(DATA_AXIS)}
         return parallel.compile_per_device(
-            step, self.mesh, (self._specs, batch_spec), (self._specs, P()), donate_argnums=0
-        )
+            step, self.mesh, (self._specs, batch_spec), (self._specs, P()), donate_argnums=0,
+            spmd=self.config.spmd,
+        )  # fmt: skip
 
     @functools.cached_property
     def eval_step(self):
@@ -173,7 +190,9 @@ class Trainer:
         fn = evaluate.EVAL_STEPS.get(self.config.eval_mode, eval_step)
         step = functools.partial(fn, model=self.model, config=self.config)
         batch_spec = {k: P(DATA_AXIS) for k in (*evaluate.view_keys(self.config), "label", "mask")}
-        return parallel.compile_per_device(step, self.mesh, (self._specs, batch_spec), P())
+        return parallel.compile_per_device(
+            step, self.mesh, (self._specs, batch_spec), P(), spmd=self.config.spmd
+        )
 
     def train_batches(self, start_step: int):
         ds = pipeline.train_dataset(self.config, start_step)

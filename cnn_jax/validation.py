@@ -67,6 +67,7 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
     _check_augmentation_and_eval(config)
 
     data, _ = parallel.mesh_shape(config, num_devices)
+    _check_model_axis(config, process_count)
     if config.batch_size % data:
         raise UserError(
             f"--config.batch_size={config.batch_size} is not divisible by the mesh's data axis "
@@ -81,6 +82,25 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
         raise UserError(f"--config.data_dir={config.data_dir} does not exist")
     if config.warm_start_from and not os.path.isdir(config.warm_start_from):
         raise UserError(f"--config.warm_start_from={config.warm_start_from} does not exist")
+
+
+def _check_model_axis(config, process_count: int) -> None:
+    """A model axis > 1 splits a model's towers over devices: only models with towers (and
+    only as many as they have) can be split; the pmap path runs in one process."""
+    allowed = models.MODEL_AXIS_SIZES.get(config.model, (1,))
+    if config.mesh_model not in allowed:
+        with_towers = ", ".join(f"{m} ({'/'.join(map(str, s))})"
+                                for m, s in models.MODEL_AXIS_SIZES.items())  # fmt: skip
+        raise UserError(
+            f"--config.mesh_model={config.mesh_model}: {config.model} cannot be split over "
+            f"the model axis; it takes {' or '.join(map(str, allowed))} "
+            f"(models with towers: {with_towers})"
+        )
+    if config.spmd == "pmap" and process_count > 1:
+        raise UserError(
+            f"--config.spmd=pmap runs in one process ({process_count} were started); "
+            "multi-process runs use spmd=shard_map"
+        )
 
 
 def _check_augmentation_and_eval(config) -> None:
