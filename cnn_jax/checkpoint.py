@@ -58,6 +58,7 @@ class Checkpointer:
 
     def save(self, step: int, state) -> None:
         """Start saving `state` as `step` (written in the background when async)."""
+        self.wait()  # Orbax would wait for the previous save anyway; its errors are its own
         with _DiskErrors(self.directory, step):
             self._check_free_space(state)
             self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
@@ -164,10 +165,10 @@ class _DiskErrors:
         if error is None or not errors.is_disk_full(error):
             return False
         which = "a checkpoint" if self._step is None else f"the checkpoint of step {self._step}"
+        reason = getattr(error, "strerror", None) or "No space left on device"
         raise RunFailure(
-            f"disk full: could not write {which} to {self._directory} "
-            f"({_innermost_message(error)}); the earlier checkpoints are intact: free space "
-            "and rerun the same command to resume"
+            f"disk full: could not write {which} to {self._directory} ({reason}); the earlier "
+            "checkpoints are intact: free space and rerun the same command to resume"
         ) from error
 
 

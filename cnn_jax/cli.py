@@ -33,7 +33,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     except (AttributeError, KeyError) as e:  # --config.FIELD=... naming no field
         _fail(f"{_override_named(argv, str(e))}: no such config field (see cnn_jax/defaults.py)")
     except Exception as e:  # a config file that does not load (syntax error, missing file)
-        _fail(f"could not load the config: {type(e).__name__}: {e}".splitlines()[0])
+        _fail(f"could not load the config: {_load_failure(e)}")
     _check_config_files_loaded(flag_values)
     return rest
 
@@ -53,8 +53,15 @@ def _check_config_files_loaded(flag_values: flags.FlagValues) -> None:
             try:
                 value.lock()
             except OSError as e:
-                reason = str(e).strip().splitlines()[-1].strip()
-                _fail(f"could not load the config --{name}: {reason}")
+                _fail(f"could not load the config: {_load_failure(e)}")
+
+
+def _load_failure(error: Exception) -> str:
+    """One line for a config file that does not load. A missing file's own error (its last
+    line names the path) is the cause of the 'earlier failure to load' ml_collections raises."""
+    if isinstance(error.__cause__, OSError):
+        return str(error.__cause__).strip().splitlines()[-1].strip()
+    return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
 def setup_runtime() -> None:

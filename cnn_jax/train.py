@@ -21,7 +21,17 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from cnn_jax import checkpoint, evaluate, losses, models, optim, parallel, reporting, validation
+from cnn_jax import (
+    checkpoint,
+    divergence,
+    evaluate,
+    losses,
+    models,
+    optim,
+    parallel,
+    reporting,
+    validation,
+)
 from cnn_jax.data import datasets, pipeline
 from cnn_jax.errors import UserError
 from cnn_jax.parallel import DATA_AXIS
@@ -212,28 +222,40 @@ class Trainer:
         return {k: v / count for k, v in totals.items()}
 
 
-def _write_config(config, workdir: str) -> None:
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Train per config into workdir, resuming from its latest checkpoint if there is one."""
+    """Train per config into workdir, resuming from its newest good checkpoint if it has one.
+
+    A rerun of the same command after a kill continues to the same final parameters; SIGTERM
+    saves the current step and returns; a NaN/Inf stops the run without saving it
+    (cnn_jax.checkpoint, cnn_jax.divergence; README "Resuming and failures").
+    """
     trainer = Trainer(config)
     os.makedirs(workdir, exist_ok=True)
     ckpt = checkpoint.Checkpointer(
         os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.keep_checkpoints
     )
-    if config.eval_only:  # evaluate the latest checkpoint, write the results, stop
-        try:
+    try:
+        _check_same_run(config, ckpt, workdir)  # before anything compiles
+        if config.eval_only:  # evaluate the latest checkpoint, write the results, stop
             return evaluate.evaluate_checkpoint(trainer, ckpt, workdir)
-        finally:
-            ckpt.close()
-    state = trainer.init_state()
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(latest, state)
+        return _train(trainer, ckpt, workdir)
+    finally:
+        ckpt.close()  # waits for a save in flight: the last good checkpoint lands whole
+
+
+def _check_same_run(config, ckpt: checkpoint.Checkpointer, workdir: str) -> None:
+    """Refuse a workdir whose checkpoints were made with a config that gives them another
+    meaning (validation.RESUME_FIXED_FIELDS)."""
+    saved = checkpoint.saved_config(workdir) if ckpt.all_steps() else None
+    if saved is not None:
+        validation.check_resume_config(config, saved, workdir)
+
+
+def _train(trainer: Trainer, ckpt: checkpoint.Checkpointer, workdir: str) -> TrainState:
+    config = trainer.config
+    fresh = trainer.init_state()
+    restored = ckpt.restore_newest(fresh)
+    state = fresh if restored is None else restored
     start_step = int(state.step)
     total = trainer.total_steps
 
@@ -241,10 +263,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         record = reporting.last_record(workdir, "eval")
         shown = "" if record is None else f"; last eval: {json.dumps(record)}"
         print(f"Training already finished at step {start_step} in {workdir}{shown}")
-        ckpt.close()
         return state
 
-    _write_config(config, workdir)
+    checkpoint.write_config(config, workdir)
     reporter = reporting.Reporter(
         workdir, total_steps=total, start_step=start_step, progress_bar=config.progress_bar
     )
@@ -252,49 +273,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         reporter.message(f"Resuming from checkpoint at step {start_step} of {total}")
     eval_every = max(1, round(config.eval_every_epochs * trainer.steps_per_epoch))
     batches = trainer.train_batches(start_step)
-    pending: list[
-        dict
-    ] = []  # device metrics since the last log: fetched together, no per-step sync
+    # Device metrics since the last log: fetched together (and checked for NaN), no per-step sync.
+    pending: list[dict] = []
     window_start, window_steps = time.perf_counter(), 0
+    last_saved = None if restored is None else start_step
 
-    for step in range(start_step, total):
-        state, metrics = trainer.train_step(state, next(batches))
-        pending.append(metrics)
-        window_steps += 1
-        done = step + 1
-        reporter.advance()
+    with checkpoint.StopSignal() as stop:
+        for step in range(start_step, total):
+            state, metrics = trainer.train_step(state, next(batches))
+            pending.append(metrics)
+            window_steps += 1
+            done = step + 1
+            reporter.advance()
 
-        if done % config.log_every_steps == 0 or done == total:
-            fetched = jax.device_get(pending)
-            elapsed = time.perf_counter() - window_start
-            summary = {k: sum(m[k] for m in fetched) / len(fetched) for k in fetched[0]}
-            summary["images_per_sec"] = window_steps * config.batch_size / elapsed
-            summary["learning_rate"] = float(
-                optim.learning_rate_schedule(config, trainer.steps_per_epoch, total)(step)
-                * optim.find_plateau_state(state.opt_state).factor
-            )
-            reporter.write(done, "train", summary)
-            reporter.advance(0, loss=f"{summary['loss']:.4f}",
-                             img_s=f"{summary['images_per_sec']:.0f}")  # fmt: skip
-            pending, window_start, window_steps = [], time.perf_counter(), 0
-
-        if done % eval_every == 0 or done == total:
-            results = trainer.evaluate(state)
-            reporter.write(done, "eval", results)
-            if config.lr_schedule == "plateau":
-                plateau = optim.plateau_update(
-                    optim.find_plateau_state(state.opt_state), results["accuracy"], config
+            if done % config.log_every_steps == 0 or done == total:
+                fetched = jax.device_get(pending)
+                divergence.check_metrics(fetched, done - len(fetched), last_saved)
+                elapsed = time.perf_counter() - window_start
+                summary = {k: sum(m[k] for m in fetched) / len(fetched) for k in fetched[0]}
+                summary["images_per_sec"] = window_steps * config.batch_size / elapsed
+                summary["learning_rate"] = float(
+                    optim.learning_rate_schedule(config, trainer.steps_per_epoch, total)(step)
+                    * optim.find_plateau_state(state.opt_state).factor
                 )
-                plateau = jax.device_put(plateau, parallel.replicated(trainer.mesh))
-                state = state.replace(
-                    opt_state=optim.replace_plateau_state(state.opt_state, plateau)
-                )
-            window_start = time.perf_counter()  # evaluation time is not training throughput
+                reporter.write(done, "train", summary)
+                reporter.advance(0, loss=f"{summary['loss']:.4f}",
+                                 img_s=f"{summary['images_per_sec']:.0f}")  # fmt: skip
+                pending, window_start, window_steps = [], time.perf_counter(), 0
 
-        if done % config.checkpoint_every_steps == 0 or done == total:
-            ckpt.save(done, state)
+            if done % eval_every == 0 or done == total:
+                results = trainer.evaluate(state)
+                reporter.write(done, "eval", results)
+                if config.lr_schedule == "plateau":
+                    plateau = optim.plateau_update(
+                        optim.find_plateau_state(state.opt_state), results["accuracy"], config
+                    )
+                    plateau = jax.device_put(plateau, parallel.replicated(trainer.mesh))
+                    state = state.replace(
+                        opt_state=optim.replace_plateau_state(state.opt_state, plateau)
+                    )
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+
+            stopping = stop.requested(done)  # SIGTERM: save this step and return
+            if done % config.checkpoint_every_steps == 0 or done == total or stopping:
+                # A checkpoint never holds a non-finite state (cnn_jax.divergence).
+                divergence.check_metrics(jax.device_get(pending), done - len(pending), last_saved)
+                divergence.check_state(state, done, last_saved)
+                ckpt.save(done, state)
+                last_saved = done
+            if stopping:
+                ckpt.wait()
+                reporter.message(
+                    f"Stopped by SIGTERM at step {done} of {total}; its checkpoint is saved: "
+                    "rerun the same command to continue"
+                )
+                break
 
     ckpt.wait()
-    ckpt.close()
     reporter.close()
     return state

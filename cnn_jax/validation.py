@@ -5,10 +5,11 @@ allowed; main prints it and exits 2.
 """
 
 import inspect
+import json
 import os
 
 from cnn_jax import losses, models, parallel
-from cnn_jax.data import datasets, preprocess
+from cnn_jax.data import datasets, image_folder, preprocess
 from cnn_jax.errors import UserError
 
 CHOICES = {
@@ -80,6 +81,7 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
         )
     if config.data_dir and not os.path.isdir(config.data_dir):
         raise UserError(f"--config.data_dir={config.data_dir} does not exist")
+    _check_image_folder_has_images(config)
     if config.warm_start_from and not os.path.isdir(config.warm_start_from):
         raise UserError(f"--config.warm_start_from={config.warm_start_from} does not exist")
 
@@ -136,3 +138,53 @@ def _check_augmentation_and_eval(config) -> None:
                 f"--config.eval_mode=dense needs a model that runs convolutionally "
                 f"(vgg); {config.model} does not"
             )
+
+
+# Fields a checkpoint's meaning depends on: they change parameter or optimiser-state shapes
+# (model .. optimizer) or which examples step s trains on (dataset .. batch_size).
+# Resuming a workdir whose saved config.json differs in any of them is refused; every other
+# field (num_epochs, num_train_steps, eval/log/checkpoint frequency, progress_bar, ...) may
+# change between runs of the same workdir. Fields absent from an older config.json are skipped.
+RESUME_FIXED_FIELDS = (
+    "model", "vgg_variant", "batch_norm", "width_divisor", "num_classes", "optimizer",
+    "dataset", "image_size", "synthetic_channels", "synthetic_train_size",
+    "synthetic_eval_size", "preprocess", "batch_size",
+)  # fmt: skip
+
+
+def check_resume_config(config, saved: dict, workdir: str) -> None:
+    """Refuse to resume `workdir` (whose checkpoints were made with `saved`, its config.json)
+    under a config that changes what the checkpoints mean. One line lists every difference."""
+    current = config.to_dict()
+    differing = []
+    for field in RESUME_FIXED_FIELDS:
+        if field in saved and field in current:
+            now = json.loads(json.dumps(current[field], default=str))  # as config.json has it
+            if now != saved[field]:
+                differing.append(f"{field} (saved {saved[field]!r}, now {now!r})")
+    if differing:
+        raise UserError(
+            f"--workdir={workdir} holds checkpoints of a different run: {'; '.join(differing)}. "
+            "Use a new --workdir, or the saved values to resume"
+        )
+
+
+def _check_image_folder_has_images(config) -> None:
+    """image_folder: a train split, and no split folder without images (TFDS's folder builder
+    fails deep inside tf.data on an empty one)."""
+    root = os.path.expanduser(config.manual_dir)
+    if config.dataset != "image_folder" or not os.path.isdir(root):
+        return  # a missing root is reported by cnn_jax.data.image_folder
+
+    def images(split):
+        walk = os.walk(os.path.join(root, split))
+        return sum(f.lower().endswith(image_folder.IMAGE_EXTENSIONS) for *_, fs in walk for f in fs)
+
+    splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    empty = [s for s in splits if not images(s)]
+    if "train" not in splits or empty:
+        where = ", ".join(os.path.join(root, s) for s in empty) or os.path.join(root, "train")
+        raise UserError(
+            f"--config.manual_dir={root}: no images ({', '.join(image_folder.IMAGE_EXTENSIONS)}) "
+            f"in {where}; expected ROOT/SPLIT/CLASS/*.jpg with a train split"
+        )

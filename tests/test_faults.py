@@ -1,0 +1,406 @@
+"""Fault tests (issue 7): kills at the worst moments, SIGTERM, corrupt checkpoints, config
+drift, NaN, a full disk and bad input.
+
+One tiny run (LeNet-5 modern on synthetic 1-channel 32x32 data, batch 8, 20 steps,
+checkpoints every 5, evaluations every 8 steps driving the plateau policy) is trained
+straight in-process as the reference. The same command then runs as `python -m cnn_jax.main`
+subprocesses that are SIGKILLed mid-save and just before a save's commit, and SIGTERMed; the
+final parameters must equal the reference bit for bit. Faults are injected by running this
+file as a script (see `_inject_fault` at the bottom): the package itself carries no test hooks
+except config.debug_inject_nan_at_step.
+"""
+
+import contextlib
+import errno
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LENET_CONFIG = os.path.join(REPO, "configs", "lenet.py")
+
+# 64 examples / batch 8 = 8 steps per epoch: evaluations at 8, 16, 20; checkpoints at 5, 10,
+# 15, 20. The plateau policy with patience 1 lowers the learning rate after evaluations, so a
+# resume must carry the eval-time decisions too.
+OVERRIDES = {
+    "dataset": "synthetic",
+    "synthetic_channels": 1,
+    "synthetic_train_size": 64,
+    "synthetic_eval_size": 16,
+    "batch_size": 8,
+    "num_train_steps": 20,
+    "checkpoint_every_steps": 5,
+    "log_every_steps": 5,
+    "eval_every_epochs": 1.0,
+    "lr_schedule": "plateau",
+    "plateau_patience": 1,
+    "keep_checkpoints": 3,
+    "progress_bar": False,
+}
+
+
+def _argv(workdir, **changes):
+    flags = {**OVERRIDES, **changes}
+    return [f"--config={LENET_CONFIG}:modern", f"--workdir={workdir}"] + [
+        f"--config.{k}={v}" for k, v in flags.items()
+    ]
+
+
+def _config(**changes):
+    sys.path.insert(0, REPO)
+    from configs import lenet
+
+    config = lenet.get_config("modern")
+    for k, v in {**OVERRIDES, **changes}.items():
+        config[k] = v
+    return config
+
+
+def _subprocess(workdir, fault="", **changes):
+    """`python -m cnn_jax.main` (through this file when a fault is injected)."""
+    entry = [os.path.abspath(__file__), fault] if fault else ["-m", "cnn_jax.main"]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    return subprocess.run(
+        [sys.executable, *entry, *_argv(workdir, **changes)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def run_main(argv):
+    """main in-process: (exit status, stdout, stderr), as a shell would see them."""
+    from absl import flags
+
+    from cnn_jax import cli
+    from cnn_jax import main as entry
+
+    flags.FLAGS.unparse_flags()
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+        delattr(flags.FLAGS, name)  # the last parse's per-field override flags
+    argv = ["cnn_jax.main", *argv]
+    saved_argv, sys.argv = sys.argv, argv  # config_flags reads its overrides from sys.argv
+    out, err = io.StringIO(), io.StringIO()
+    status = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            entry.main(cli.parse_flags(argv))
+    except SystemExit as e:
+        status = e.code
+    finally:
+        sys.argv = saved_argv
+    return status, out.getvalue(), err.getvalue()
+
+
+def _steps(workdir):
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def _assert_same_state(a, b):
+    for part in ("params", "batch_stats", "opt_state", "step"):
+        got, want = jax.device_get(getattr(a, part)), jax.device_get(getattr(b, part))
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's in-process runs and subprocesses:
+    the same tiny program then compiles once instead of once per run (compiling is most of
+    these tests' time). Restored afterwards, so other modules see no change."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    settings = {
+        "jax_compilation_cache_dir": path,
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+    }
+    saved = {name: getattr(jax.config, name) for name in settings}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in settings.items():
+            jax.config.update(name, value)
+            patch.setenv(name.upper(), str(value))  # for the subprocesses
+        compilation_cache.reset_cache()
+        yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run: its workdir and final state."""
+    from cnn_jax import train
+
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    return workdir, train.train_and_evaluate(_config(), workdir)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """The same run killed twice mid-save and stopped by SIGTERM, in subprocesses; returns the
+    workdir and each run's CompletedProcess."""
+    workdir = str(tmp_path_factory.mktemp("interrupted"))
+    runs = {}
+    # 1. SIGKILL right after the save of step 10 started: its files are being written.
+    runs["mid_save"] = _subprocess(workdir, "kill_after_save_started=10")
+    # 2. SIGKILL when every file of step 15 is written but before the rename that commits it.
+    runs["before_commit"] = _subprocess(workdir, "kill_before_commit=15")
+    tmp_dirs = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in d]
+    runs["stray_after_kill"] = tmp_dirs
+    # 3. SIGTERM during step 17: saves step 18 and exits 0.
+    runs["sigterm"] = _subprocess(workdir, "sigterm_during_step=17")
+    return workdir, runs
+
+
+def test_kills_and_sigterm_then_rerun_give_the_uninterrupted_result(reference, interrupted):
+    from cnn_jax import train
+
+    workdir, runs = interrupted
+    assert runs["mid_save"].returncode == -signal.SIGKILL, runs["mid_save"].stderr[-2000:]
+    assert runs["before_commit"].returncode == -signal.SIGKILL, runs["before_commit"].stderr
+    assert "15.orbax-checkpoint-tmp" in runs["stray_after_kill"]  # really killed mid-save
+    sigterm = runs["sigterm"]
+    assert sigterm.returncode == 0, sigterm.stderr[-3000:]
+    assert "Stopped by SIGTERM at step 18 of 20" in sigterm.stdout
+    # Both killed saves left the earlier checkpoints restorable, stray tmp dirs are gone.
+    assert os.listdir(os.path.join(workdir, "checkpoints")) and _steps(workdir) == [10, 15, 18]
+    assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in d]
+    snapshot = os.path.join(os.path.dirname(workdir), "snapshot_at_18")
+    shutil.copytree(workdir, snapshot)
+
+    final = train.train_and_evaluate(_config(), workdir)
+    assert int(final.step) == 20
+    _assert_same_state(final, reference[1])
+
+
+def _array_files(workdir, step):
+    d = os.path.join(workdir, "checkpoints", str(step), "state", "ocdbt.process_0", "d")
+    return sorted((os.path.join(d, f) for f in os.listdir(d)), key=os.path.getsize)
+
+
+def test_corrupt_newest_checkpoints_are_skipped_and_named(reference, interrupted, capsys):
+    """A truncated array file in step 18 and a missing one in step 15: the run says so,
+    resumes from step 10 and still ends bit-identical to the uninterrupted run."""
+    from cnn_jax import train
+
+    workdir = os.path.join(os.path.dirname(interrupted[0]), "corrupt")
+    shutil.copytree(os.path.join(os.path.dirname(interrupted[0]), "snapshot_at_18"), workdir)
+    biggest = _array_files(workdir, 18)[-1]
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 3)
+    os.remove(_array_files(workdir, 15)[-1])
+
+    final = train.train_and_evaluate(_config(), workdir)
+    err = capsys.readouterr().err
+    assert f"checkpoint step 18 in {workdir}/checkpoints does not restore" in err
+    assert f"checkpoint step 15 in {workdir}/checkpoints does not restore" in err
+    assert "resuming from step 10" in err
+    assert sorted(os.listdir(os.path.join(workdir, "corrupt_checkpoints"))) == ["15", "18"]
+    _assert_same_state(final, reference[1])
+
+
+def test_no_restorable_checkpoint_stops_instead_of_starting_over(interrupted, tmp_path):
+    workdir = str(tmp_path / "all_bad")
+    shutil.copytree(os.path.join(os.path.dirname(interrupted[0]), "snapshot_at_18"), workdir)
+    for step in (10, 15, 18):
+        for path in _array_files(workdir, step):
+            os.remove(path)
+    status, _, err = run_main(_argv(workdir))
+    assert status == 1
+    assert err.splitlines()[-1].startswith(
+        f"error: no checkpoint in {workdir}/checkpoints restores (tried steps 18, 15, 10; "
+    )
+    assert _steps(workdir) == [10, 15, 18]  # nothing moved or deleted
+
+
+def test_config_drift_is_refused_and_safe_changes_are_allowed(reference):
+    workdir = reference[0]
+    status, _, err = run_main(_argv(workdir, model="lenet5", batch_size=16))
+    assert status == 2
+    assert err == (
+        f"error: --workdir={workdir} holds checkpoints of a different run: model (saved "
+        "'lenet5_modern', now 'lenet5'); batch_size (saved 8, now 16). Use a new --workdir, "
+        "or the saved values to resume\n"
+    )
+    status, out, err = run_main(
+        _argv(workdir, log_every_steps=2, eval_every_epochs=3.0, checkpoint_every_steps=7)
+    )
+    assert status == 0, err
+    assert "Training already finished at step 20" in out
+
+
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    from cnn_jax import checkpoint, train
+
+    workdir = str(tmp_path / "nan")
+    status, _, err = run_main(_argv(workdir, debug_inject_nan_at_step=12))
+    assert status == 1
+    assert err.splitlines()[-1] == (
+        "error: training diverged at step 12: the loss is nan; nothing after it was saved, the "
+        "last checkpoint (step 10) is intact and a rerun resumes from it (lower "
+        "--config.learning_rate if it happens again)"
+    )
+    assert _steps(workdir) == [5, 10]  # the save at 15 was refused
+    trainer = train.Trainer(_config())
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
+    state = ckpt.restore_newest(trainer.init_state())
+    ckpt.close()
+    assert int(state.step) == 10
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+
+
+def test_full_disk_is_one_line(tmp_path, monkeypatch):
+    from cnn_jax import checkpoint, cli
+    from cnn_jax.errors import RunFailure
+
+    # Before a save: not enough free space for a checkpoint.
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpts"), keep=2)
+    no_space = shutil._ntuple_diskusage(total=1, used=1, free=0)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: no_space)
+    with pytest.raises(RunFailure, match=r"^disk full: could not write the checkpoint of step 3"):
+        ckpt.save(3, {"w": np.ones(1000, np.float32)})
+    monkeypatch.undo()
+
+    # During a background write: TensorStore's error carries the OS error code.
+    def failing_save(*args, **kwargs):
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing ...: No space left on device "
+                         "[os_error_code='28']")  # fmt: skip
+
+    monkeypatch.setattr(ckpt._manager, "save", failing_save)
+    with pytest.raises(RunFailure, match=r"intact: free space and rerun the same command"):
+        ckpt.save(4, {"w": np.ones(3, np.float32)})
+    ckpt.close()
+
+    # Any other write (metrics.jsonl, TensorBoard): one line from the CLI, exit status 1.
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    assert exit_info.value.code == 1
+    assert err.getvalue() == "error: disk full: [Errno 28] No space left on device\n"
+
+
+# --- Bad input: one line, exit status 2, nothing compiled --------------------------------------
+
+
+def _bad_inputs(tmp_path):
+    empty_folder = tmp_path / "no_images"
+    (empty_folder / "train" / "cat").mkdir(parents=True)
+    broken_config = tmp_path / "broken.py"
+    broken_config.write_text("def get_config(:\n")
+    missing = str(tmp_path / "missing")
+    return [  # (changes, the config file or None, expected stderr line)
+        ({"model": "lenet7"}, None, "error: unknown model 'lenet7'; choose one of: "),
+        ({"dataset": "mnistt"}, None, "error: unknown dataset 'mnistt'; choose one of: "),
+        ({"model": "vgg", "vgg_variant": "Z", "image_size": 224}, None,
+         "error: unknown VGG configuration 'Z'; choose one of: A, A-LRN, B, C, D, E"),
+        ({"batch_size": 0}, None, "error: --config.batch_size=0 must be > 0"),
+        ({"image_size": -32}, None, "error: --config.image_size=-32 must be > 0"),
+        ({"num_train_steps": -1, "num_epochs": 0.0}, None,
+         "error: --config.num_epochs=0.0 must be > 0"),
+        ({"learning_rate": -0.1}, None, "error: --config.learning_rate=-0.1 must be > 0"),
+        ({"batch_size": 12}, None,
+         "error: --config.batch_size=12 is not divisible by the mesh's data axis (8 devices)"),
+        ({"mesh_model": 3}, None,
+         "error: mesh data=-1 x model=3 does not fit the 8 available devices "),
+        ({"data_dir": missing}, None, f"error: --config.data_dir={missing} does not exist"),
+        ({"dataset": "image_folder", "manual_dir": str(empty_folder)}, None,
+         f"error: --config.manual_dir={empty_folder}: no images (.jpg, .jpeg, .png) in "
+         f"{empty_folder}/train; expected ROOT/SPLIT/CLASS/*.jpg with a train split"),
+        ({}, str(tmp_path / "nope.py"), "error: could not load the config: [Errno 2] "
+         f"No such file or directory: '{tmp_path / 'nope.py'}'"),
+        ({}, str(broken_config),
+         "error: could not load the config: SyntaxError: invalid syntax (broken.py, line 1)"),
+        ({"no_such_field": 1}, None,
+         "error: --config.no_such_field: no such config field (see cnn_jax/defaults.py)"),
+    ]  # fmt: skip
+
+
+def test_bad_input_is_one_line_and_exit_2_before_compiling(tmp_path):
+    compiles, failures = [], []
+
+    def on_event(event, secs, **kwargs):
+        if "compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    for changes, config_file, expected in _bad_inputs(tmp_path):
+        argv = _argv(str(tmp_path / "w"), **changes)
+        if config_file:
+            argv[0] = f"--config={config_file}"
+        status, _, err = run_main(argv)
+        lines = err.splitlines()
+        ok = status == 2 and len(lines) == 1 and lines[0].startswith(expected)
+        failures += [] if ok else [(changes, config_file, status, err[-1000:])]
+    assert not failures
+    assert not compiles
+    jax.jit(lambda x: x * 3)(np.float32(1))  # the listener does see a compile
+    jax.monitoring.unregister_event_duration_listener(on_event)
+    assert compiles
+
+
+def test_bad_input_from_the_shell(tmp_path):
+    """A real process: exactly one line on stderr, exit status 2, no traceback."""
+    proc = _subprocess(str(tmp_path / "w"), model="lenet7")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "error: unknown model 'lenet7'; choose one of: " + proc.stderr.split("of: ")[1].strip()
+    ]
+
+
+# --- Fault injection when this file runs as a script (the subprocesses above) -----------------
+
+
+def _inject_fault(fault: str) -> None:
+    """Patch the package so that this process dies (or is told to stop) at one moment."""
+    name, step = fault.split("=")
+    step = int(step)
+    from cnn_jax import checkpoint, train
+
+    if name == "kill_after_save_started":
+        save = checkpoint.Checkpointer.save
+
+        def save_then_die(self, at, state):
+            save(self, at, state)
+            if at == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoint.Checkpointer.save = save_then_die
+    elif name == "kill_before_commit":
+        from orbax.checkpoint._src.path import atomicity
+
+        finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+        async def die_before_rename(self):
+            if self.get_final().name == str(step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return await finalize(self)
+
+        atomicity.AtomicRenameTemporaryPath.finalize = die_before_rename
+    elif name == "sigterm_during_step":
+        batches = train.Trainer.train_batches
+
+        def signalled_batches(self, start_step):
+            for at, batch in enumerate(batches(self, start_step), start_step):
+                if at == step:
+                    os.kill(os.getpid(), signal.SIGTERM)  # as a VM's preemption notice would
+                yield batch
+
+        train.Trainer.train_batches = signalled_batches
+    else:
+        raise ValueError(fault)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, REPO)
+    from absl import app
+
+    from cnn_jax import cli
+    from cnn_jax import main as entry
+
+    _inject_fault(sys.argv.pop(1))
+    app.run(entry.main, flags_parser=cli.parse_flags)
