@@ -18,8 +18,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.vgg_variant = "D"
     c.batch_norm = False  # VGG only: the modern batch-norm variants (not in the paper).
     c.dropout_rate = 0.5
-    # AlexNet only: every conv and FC width divided by this (1, 2, 4, 8, 16); 1 is the paper.
-    # For tests and quick CPU runs (at 8: towers of 6/16/24/24/16 maps, FC 512).
+    # AlexNet and VGG: every conv and FC width divided by this (1, 2, 4, 8, 16); 1 is the paper.
+    # For tests and quick CPU runs (AlexNet at 8: towers of 6/16/24/24/16 maps, FC 512; VGG at
+    # 16: 4..32 maps, FC 256).
     c.width_divisor = 1
     # Classes of synthetic data. Real datasets define their own and overwrite this field when
     # the run starts (config.json records the value used).

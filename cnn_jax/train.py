@@ -31,6 +31,7 @@ from cnn_jax import (
     parallel,
     reporting,
     validation,
+    warm_start,
 )
 from cnn_jax.data import datasets, pipeline
 from cnn_jax.errors import UserError
@@ -255,6 +256,8 @@ def _train(trainer: Trainer, ckpt: checkpoint.Checkpointer, workdir: str) -> Tra
     config = trainer.config
     fresh = trainer.init_state()
     restored = ckpt.restore_newest(fresh)
+    if restored is None and config.warm_start_from:  # a new run: VGG's warm start (Sec. 3.1)
+        fresh = warm_start.warm_start(fresh, config.warm_start_from)
     state = fresh if restored is None else restored
     start_step = int(state.step)
     total = trainer.total_steps

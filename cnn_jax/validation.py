@@ -82,6 +82,11 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
     if config.data_dir and not os.path.isdir(config.data_dir):
         raise UserError(f"--config.data_dir={config.data_dir} does not exist")
     _check_image_folder_has_images(config)
+    if config.warm_start_from and config.model != "vgg":
+        raise UserError(
+            f"--config.warm_start_from is VGG's warm start from a trained A (Sec. 3.1): it "
+            f"needs --config.model=vgg, not {config.model!r}"
+        )
     if config.warm_start_from and not os.path.isdir(config.warm_start_from):
         raise UserError(f"--config.warm_start_from={config.warm_start_from} does not exist")
 

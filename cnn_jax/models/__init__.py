@@ -17,6 +17,15 @@ def _dtype(config) -> jnp.dtype:
     return jnp.bfloat16 if config.half_precision else jnp.float32
 
 
+def _width_divisor(c, allowed: tuple[int, ...]) -> int:
+    if c.width_divisor not in allowed:
+        raise UserError(
+            f"--config.width_divisor={c.width_divisor} is not one of: "
+            f"{', '.join(map(str, allowed))}"
+        )
+    return c.width_divisor
+
+
 def _vgg(c) -> nn.Module:
     return vgg.VGG(
         variant=vgg.resolve_variant(c.vgg_variant),  # a bad letter fails here, before compiling
@@ -24,15 +33,12 @@ def _vgg(c) -> nn.Module:
         batch_norm=c.batch_norm,
         dropout_rate=c.dropout_rate,
         dtype=_dtype(c),
+        width_divisor=_width_divisor(c, vgg.WIDTH_DIVISORS),
     )
 
 
 def _alexnet(c, towers: int) -> nn.Module:
-    if c.width_divisor not in alexnet.WIDTH_DIVISORS:
-        raise UserError(
-            f"--config.width_divisor={c.width_divisor} is not one of: "
-            f"{', '.join(map(str, alexnet.WIDTH_DIVISORS))}"
-        )
+    _width_divisor(c, alexnet.WIDTH_DIVISORS)
     # The towers split over the mesh's model axis when it has their number of devices; on a
     # model axis of 1 each device runs both towers (grouped convolutions).
     from cnn_jax.parallel import MODEL_AXIS  # models name the axis, nothing else of the mesh

@@ -63,6 +63,7 @@ ALIASES = {"vgg11": "A", "vgg11_lrn": "A-LRN", "vgg13": "B", "vgg16": "D", "vgg1
 FC_WIDTH = 4096  # FC6 and FC7 (Sec. 2.1)
 FC6_WINDOW = 7  # FC6 reads a 7x7 map: 224 / 2**5 (five max-pools)
 NUM_POOLS = 5
+WIDTH_DIVISORS = (1, 2, 4, 8, 16)  # config.width_divisor: 1 is the paper; 16 leaves 4..32 maps
 MIN_IMAGE_SIZE = 2**NUM_POOLS  # 32: the smallest input that leaves a 1x1 map after block 5
 DENSE_MIN_IMAGE_SIZE = FC6_WINDOW * 2**NUM_POOLS  # 224: FC6's 7x7 window must fit
 
@@ -200,8 +201,8 @@ class VGGClassifier(nn.Module):
 class VGG(nn.Module):
     """One column of Table 1. Returns float32 class scores (N, num_classes).
 
-    `width_divisor` divides every layer's width (convolutions and FC6/FC7); it exists so that
-    tests can check size-independent properties cheaply, and is 1 for the paper's networks.
+    `width_divisor` (config.width_divisor) divides every layer's width (convolutions and
+    FC6/FC7), for tests and quick CPU runs; 1 is the paper's network.
     """
 
     variant: str = "D"

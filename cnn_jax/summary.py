@@ -1,0 +1,230 @@
+"""Per-layer summary of any registered model: output shape, trainable parameters and
+multiply-accumulates (MACs) per image, by shape inference alone (no weights are made).
+
+    python -m cnn_jax.summary --config=configs/lenet.py
+    python -m cnn_jax.summary --config=configs/vgg.py:D --config.image_size=256
+    python -m cnn_jax.summary --models_table        # the README's model table, in Markdown
+
+How it works: the model's `init` runs under `jax.eval_shape`, with `nn.intercept_methods`
+recording every module call. A row is a *leaf* call (a module that calls no other module)
+that owns parameters or does multiplications; pooling, ReLU and LRN are functions, not
+modules, so they are not rows. MACs of a row are output positions x weights: each weight of
+a convolution or dense layer (kernel, LeNet's subsampling coefficient, batch norm's scale;
+not biases) multiplies once per output position, which counts grouped and sparse
+convolutions right because only their real weights are parameters. Layers without parameters
+that still multiply (LeNet-5's RBF units) have their own rule in MAC_RULES.
+"""
+
+import dataclasses
+import importlib.util
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from cnn_jax import cli, models, validation
+from cnn_jax.errors import UserError
+from cnn_jax.models.layers import EuclideanRBF
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    layer: str  # module path, e.g. "features/conv1_1"
+    output_shape: tuple[int, ...]  # per image (no batch axis)
+    params: int  # trainable parameters
+    macs: int  # multiply-accumulates per image
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    model: str
+    input_shape: tuple[int, ...]  # per image
+    rows: tuple[Row, ...]
+    total_params: int  # every trainable parameter, counted once
+    total_macs: int
+
+
+def _rbf_macs(inputs: Sequence[jax.ShapeDtypeStruct], output) -> int:
+    # y_i = sum_j (x_j - w_ij)^2: one multiply per (class, feature) pair.
+    return output.shape[-1] * inputs[0].shape[-1]
+
+
+# Modules whose multiplications are not "output positions x weights"; (inputs, output) -> MACs.
+MAC_RULES: dict[type, Callable[[Sequence[jax.ShapeDtypeStruct], jax.ShapeDtypeStruct], int]] = {
+    EuclideanRBF: _rbf_macs,
+}
+
+
+def _weight_macs(params, output) -> int:
+    positions = math.prod(output.shape[1:-1])
+    weights = sum(
+        leaf.size
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if getattr(path[-1], "key", None) != "bias"
+    )
+    return positions * weights
+
+
+def _first_array(tree):
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "shape")]
+    return leaves[0] if leaves else None
+
+
+def summarize(config: ml_collections.ConfigDict) -> Summary:
+    """The per-layer summary of config's model at config.image_size, batch of one image."""
+    from cnn_jax.data import datasets  # TFDS: imported only when a summary is made
+
+    validation.check_model(config)
+    datasets.dataset_spec(config)  # unknown dataset
+    config = config.copy_and_resolve_references()
+    datasets.resolve_dataset_fields(config)  # num_classes of a real dataset
+    model = models.build_model(config)
+    image_shape = (config.image_size, config.image_size, datasets.num_channels(config))
+
+    rows: list[Row] = []
+    stack: list[dict] = []  # module calls in progress, innermost last
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "setup" or (stack and stack[-1]["module"] is module):
+            return next_fun(*args, **kwargs)  # a module's own helper methods are part of it
+        if stack:
+            stack[-1]["leaf"] = False
+        stack.append({"module": module, "leaf": True})
+        try:
+            out = next_fun(*args, **kwargs)
+        finally:
+            call = stack.pop()
+        output = _first_array(out)
+        if call["leaf"] and output is not None:
+            params = module.variables.get("params", {})
+            rule = MAC_RULES.get(type(module))
+            inputs = [a for a in args if hasattr(a, "shape")]
+            macs = rule(inputs, output) if rule else _weight_macs(params, output)
+            count = sum(p.size for p in jax.tree.leaves(params))
+            if count or macs:
+                rows.append(Row("/".join(module.path), tuple(output.shape[1:]), count, macs))
+        return out
+
+    def init(x):
+        rng = jax.random.key(0)
+        with nn.intercept_methods(record):
+            return model.init({"params": rng, "dropout": rng}, x, train=False)
+
+    variables = jax.eval_shape(init, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
+    total = sum(p.size for p in jax.tree.leaves(variables["params"]))
+    return Summary(
+        model=type(model).__name__ + (f" {config.vgg_variant}" if config.model == "vgg" else ""),
+        input_shape=image_shape,
+        rows=tuple(rows),
+        total_params=total,
+        total_macs=sum(r.macs for r in rows),
+    )
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def format_table(summary: Summary) -> str:
+    header = ("layer", "output", "parameters", "MACs")
+    body = [(r.layer, _shape(r.output_shape), f"{r.params:,}", f"{r.macs:,}") for r in summary.rows]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(4)]
+
+    def line(cells):
+        left = [cells[i].ljust(widths[i]) for i in range(2)]
+        right = [cells[i].rjust(widths[i]) for i in range(2, 4)]
+        return "  ".join(left + right).rstrip()
+
+    return "\n".join(
+        [
+            f"{summary.model}, input {_shape(summary.input_shape)}",
+            line(header),
+            line(["-" * w for w in widths]),
+            *(line(row) for row in body),
+            "",
+            f"Total parameters: {summary.total_params:,}",
+            f"Total MACs: {summary.total_macs:,}",
+        ]
+    )
+
+
+# --- The README's model table ---------------------------------------------------------------
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (row label, config file relative to the repository, its argument, the paper's result).
+PAPER_RESULTS: tuple[tuple[str, str, str | None, str], ...] = (
+    ("LeNet-5", "configs/lenet.py", None, "0.95% test error, MNIST (Sec. III-C)"),
+    ("AlexNet", "configs/alexnet.py", None, "37.5 / 17.0, ILSVRC-2010 test (Table 1)"),
+    ("VGG A", "configs/vgg.py", "A", "29.6 / 10.4, single scale (Table 3)"),
+    ("VGG A-LRN", "configs/vgg.py", "A-LRN", "29.7 / 10.5, single scale (Table 3)"),
+    ("VGG B", "configs/vgg.py", "B", "28.7 / 9.9, single scale (Table 3)"),
+    ("VGG C", "configs/vgg.py", "C", "27.3 / 8.8, single scale, S in [256, 512] (Table 3)"),
+    ("VGG D", "configs/vgg.py", "D", "24.8 / 7.5, multi-scale, S in [256, 512] (Table 4)"),
+    ("VGG E", "configs/vgg.py", "E", "24.8 / 7.5, multi-scale, S in [256, 512] (Table 4)"),
+)
+
+
+def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """get_config(arg) of a config file, as `--config=path:arg` would give it."""
+    spec = importlib.util.spec_from_file_location("_summary_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def models_table() -> str:
+    """Markdown table of every model with a config file: parameters, MACs, paper result."""
+    lines = [
+        "| model | config | parameters | MACs per image | paper error, top-1 / top-5 % |",
+        "| --- | --- | ---: | ---: | --- |",
+    ]
+    for label, path, arg, paper in PAPER_RESULTS:
+        if not os.path.exists(os.path.join(_REPO, path)):
+            continue  # a model whose config is not written yet
+        s = summarize(load_config(os.path.join(_REPO, path), arg))
+        where = f"`{path}{':' + arg if arg else ''}`"
+        lines.append(f"| {label} | {where} | {s.total_params:,} | {s.total_macs:,} | {paper} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line; takes argv (program name first) so tests can call it in-process.
+    Its flags live in their own FlagValues, so it never clashes with cnn_jax.main's."""
+    argv = sys.argv if argv is None else argv
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "A configs/*.py file[:arg]; every field overridable.", flag_values=fv,
+        sys_argv=argv,  # where config_flags looks for --config.FIELD overrides
+    )  # fmt: skip
+    flags.DEFINE_bool(
+        "models_table", False, "Print the README's Markdown model table.", flag_values=fv
+    )
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__.split("\n\n")[1], fv.get_help(), sep="\n\n")
+        return
+    rest = cli.parse_flags(argv, fv)
+
+    def body():
+        if len(rest) > 1:
+            raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
+        if fv.models_table:
+            print(models_table())
+        elif fv.config is None:
+            raise UserError("--config=configs/X.py[:arg] is required (or --models_table)")
+        else:
+            print(format_table(summarize(fv.config)))
+
+    cli.run(body)
+
+
+if __name__ == "__main__":
+    main()
