@@ -11,6 +11,7 @@ import os
 from cnn_jax import losses, models, parallel
 from cnn_jax.data import datasets, image_folder, preprocess
 from cnn_jax.errors import UserError
+from cnn_jax.models import vgg
 
 CHOICES = {
     "optimizer": ("sgd", "adam"),
@@ -142,6 +143,12 @@ def _check_augmentation_and_eval(config) -> None:
             raise UserError(
                 f"--config.eval_mode=dense needs a model that runs convolutionally "
                 f"(vgg); {config.model} does not"
+            )
+        if config.image_size < vgg.DENSE_MIN_IMAGE_SIZE:  # FC6's 7x7 window must fit
+            raise UserError(
+                f"--config.eval_mode=dense needs --config.image_size >= "
+                f"{vgg.DENSE_MIN_IMAGE_SIZE} (got {config.image_size}): FC6 slides as a 7x7 "
+                "convolution over the last feature map (VGG Sec. 3.2)"
             )
 
 
