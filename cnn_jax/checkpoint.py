@@ -16,6 +16,7 @@ What a run can rely on:
 """
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -72,14 +73,13 @@ class Checkpointer:
         )
         return restored["state"]
 
-    def restore_newest(self, like, warn=None):
+    def restore_newest(self, like):
         """The newest checkpoint that restores, or None if the directory holds none.
 
         Each one that fails (truncated or missing files) is named in a warning and moved to
         WORKDIR/corrupt_checkpoints/ so that later saves of its step can happen. All
         processes agree on the outcome of each attempt.
         """
-        warn = warn or _warn
         steps = sorted(self.all_steps(), reverse=True)
         tried: list[tuple[int, str]] = []
         for step in steps:
@@ -87,10 +87,10 @@ class Checkpointer:
             if _on_every_process(problem is None):
                 if tried:
                     self._quarantine([s for s, _ in tried])
-                    warn(f"resuming from step {step}, the newest checkpoint that restores")
+                    _warn(f"resuming from step {step}, the newest checkpoint that restores")
                 return state
             problem = problem or "it failed on another process"
-            warn(f"checkpoint step {step} in {self.directory} does not restore: {problem}")
+            _warn(f"checkpoint step {step} in {self.directory} does not restore: {problem}")
             tried.append((step, problem))
         if tried:
             raise RunFailure(
@@ -126,18 +126,19 @@ class Checkpointer:
 
     def _check_free_space(self, state) -> None:
         """Refuse to start a save that cannot fit: a clean message now instead of a failed
-        background write later. A checkpoint takes about what the newest one took."""
-        if "://" in self.directory:  # cloud storage: no local notion of free space
-            return
-        latest = self.latest_step()
-        if latest is not None:
-            needed = _tree_size(os.path.join(self.directory, str(latest)))
-        else:
-            needed = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
-        free = shutil.disk_usage(self.directory).free
-        if free < needed:
+        background write later. A checkpoint takes about what the newest one took. All
+        processes decide together (one failing alone would leave the others in the save)."""
+        free = needed = 0
+        if "://" not in self.directory:  # cloud storage: no local notion of free space
+            latest = self.latest_step()
+            if latest is not None:
+                needed = _tree_size(os.path.join(self.directory, str(latest)))
+            else:
+                needed = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+            free = shutil.disk_usage(self.directory).free
+        if not _on_every_process(free >= needed):
             raise OSError(
-                28, f"No space left on device: {free / 2**20:.1f} MiB free in "
+                errno.ENOSPC, f"No space left on device: {free / 2**20:.1f} MiB free in "
                 f"{self.directory}, a checkpoint needs about {needed / 2**20:.1f} MiB"
             )  # fmt: skip
 

@@ -30,18 +30,22 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
         _fail(str(e))
     except flags.Error as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    except (AttributeError, KeyError) as e:  # --config.FIELD=... naming no field
-        _fail(f"{_override_named(argv, str(e))}: no such config field (see cnn_jax/defaults.py)")
+    except (AttributeError, KeyError) as e:  # --config.FIELD=... naming no field, or a bug
+        override = _override_named(argv, str(e))  # in a config file's get_config
+        if override:
+            _fail(f"{override}: no such config field (see cnn_jax/defaults.py)")
+        _fail(f"could not load the config: {_load_failure(e)}")
     except Exception as e:  # a config file that does not load (syntax error, missing file)
         _fail(f"could not load the config: {_load_failure(e)}")
     _check_config_files_loaded(flag_values)
     return rest
 
 
-def _override_named(argv: list[str], error: str) -> str:
+def _override_named(argv: list[str], error: str) -> str | None:
+    """The --config.FIELD argument that a KeyError/AttributeError names, if there is one."""
     field = error.strip("\"' ")
     found = [a.split("=")[0] for a in argv if a.split("=")[0].endswith(f".{field}")]
-    return found[0] if found else f"config field {field!r}"
+    return found[0] if found else None
 
 
 def _check_config_files_loaded(flag_values: flags.FlagValues) -> None:
