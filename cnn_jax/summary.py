@@ -162,7 +162,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (row label, config file relative to the repository, its argument, the paper's result).
 PAPER_RESULTS: tuple[tuple[str, str, str | None, str], ...] = (
-    ("LeNet-5", "configs/lenet.py", None, "0.95% test error, MNIST (Sec. III-C)"),
+    ("LeNet-5", "configs/lenet.py", None, "0.95% test error, MNIST"),
     ("AlexNet", "configs/alexnet.py", None, "37.5 / 17.0, ILSVRC-2010 test (Table 1)"),
     ("VGG A", "configs/vgg.py", "A", "29.6 / 10.4, single scale (Table 3)"),
     ("VGG A-LRN", "configs/vgg.py", "A-LRN", "29.7 / 10.5, single scale (Table 3)"),

@@ -57,3 +57,12 @@ def test_bad_input_is_one_error_line_and_exit_2(argv, message, capsys, monkeypat
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
+def test_readme_model_table_is_the_generated_one():
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    start = readme.index("<!-- models-table:")
+    start = readme.index("\n", start) + 1
+    table = readme[start : readme.index("<!-- /models-table -->")].strip()
+    assert table == summary.models_table(), "regenerate: python -m cnn_jax.summary --models_table"
