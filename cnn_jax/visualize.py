@@ -108,6 +108,8 @@ def plot_curves(records: list[dict], path: str) -> None:
                 markersize=3,
             )
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")
+    if all(r["loss"] > 0 for r in records if "loss" in r):
+        ax_loss.set_yscale("log")  # early losses would flatten the rest of the curve
     ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
@@ -200,7 +202,7 @@ def plot_lenet_feature_maps(config, params, path: str) -> None:
             ax.imshow(stack[..., i], cmap="viridis")
             ax.set_axis_off()
             ax.set_title(f"{name} #{first + i}", fontsize=7)
-    fig.suptitle(f"LeNet-5 ({config.model}) feature maps of one test digit", fontsize=10)
+    fig.suptitle(f"LeNet-5 ({config.model}) feature maps of one test image", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
