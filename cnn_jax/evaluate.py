@@ -116,7 +116,7 @@ def evaluate_checkpoint(trainer, checkpointer, workdir: str):
             f"--config.eval_only=True but {os.path.join(workdir, 'checkpoints')} holds no "
             "checkpoint: train first (the same command without eval_only)"
         )
-    state = checkpointer.restore(step, trainer.init_state())
+    state = checkpointer.restore(step, trainer.abstract_state())
     results = trainer.evaluate(state)
     reporter = reporting.Reporter(workdir, total_steps=step, start_step=step, progress_bar=False)
     reporter.write(step, "eval", results)

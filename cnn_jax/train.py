@@ -186,6 +186,16 @@ class Trainer:
     def _specs(self):
         return state_specs(jax.eval_shape(self.init_state), self.model, self.tx)
 
+    def abstract_state(self) -> TrainState:
+        """The state's shapes, dtypes and shardings without computing it: a restore target
+        that skips compiling and running the initialisation (eval_only)."""
+        shardings = parallel.shardings(self.mesh, self._specs)
+        return jax.tree.map(
+            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            jax.eval_shape(self.init_state),
+            shardings,
+        )
+
     @functools.cached_property
     def train_step(self):
         step = functools.partial(train_step, model=self.model, tx=self.tx, config=self.config)
