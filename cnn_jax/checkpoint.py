@@ -36,17 +36,30 @@ CONFIG_FILE = "config.json"  # the resolved config of the latest run in a workdi
 CORRUPT_DIR = "corrupt_checkpoints"  # unrestorable checkpoints are moved here, not deleted
 
 
+def _remove_unfinished_saves(directory: str) -> None:
+    """Delete the leftovers of saves killed before their rename; they are never restored.
+
+    Done here, synchronously, rather than by Orbax's cleanup_tmp_directories option, whose
+    background thread can outlive a run that stops early and print a shutdown traceback.
+    """
+    if jax.process_index() == 0 and os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("cnn_jax_remove_unfinished_saves")
+
+
 class Checkpointer:
     """Async, keep-N CheckpointManager; every process takes part in each save."""
 
     def __init__(self, directory: str, *, keep: int, async_save: bool = True):
         self.directory = directory
+        _remove_unfinished_saves(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
             enable_async_checkpointing=async_save,
-            # Leftovers of a save killed before its rename; they are never restored.
-            cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(directory, options=options, item_names=("state",))
         self._saving_step: int | None = None  # an async save that may still be writing

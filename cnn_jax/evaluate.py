@@ -110,13 +110,14 @@ def evaluate_checkpoint(trainer, checkpointer, workdir: str):
     result to metrics.jsonl (split 'eval') and write WORKDIR/eval_results.json. Returns the
     restored state."""
     config = trainer.config
-    step = checkpointer.latest_step()
-    if step is None:
+    # The newest checkpoint that restores: a corrupt newest one is reported and skipped.
+    state = checkpointer.restore_newest(trainer.abstract_state())
+    if state is None:
         raise UserError(
             f"--config.eval_only=True but {os.path.join(workdir, 'checkpoints')} holds no "
             "checkpoint: train first (the same command without eval_only)"
         )
-    state = checkpointer.restore(step, trainer.abstract_state())
+    step = int(state.step)
     results = trainer.evaluate(state)
     reporter = reporting.Reporter(workdir, total_steps=step, start_step=step, progress_bar=False)
     reporter.write(step, "eval", results)

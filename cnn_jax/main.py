@@ -4,6 +4,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cnn_jax import cli
+from cnn_jax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file; every field overridable.")
@@ -11,11 +12,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from cnn_jax import train  # after flag parsing: --help stays fast
 
-    cli.run(lambda: train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir))
+    def body():
+        if len(argv) > 1:
+            raise UserError(
+                f"unexpected arguments: {' '.join(argv[1:])} (options are --flag=value)"
+            )
+        train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+    cli.run(body)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,7 @@ def _synthetic(config, split: str) -> tf.data.Dataset:
     size, channels, classes = config.image_size, config.synthetic_channels, config.num_classes
     split_seed = 0 if split == "train" else 1
 
+    @tf.autograph.experimental.do_not_convert  # plain tf ops; nothing for AutoGraph to rewrite
     def make(i):
         seed = tf.stack([tf.cast(split_seed, tf.int64), i])
         image = tf.random.stateless_uniform(
