@@ -87,8 +87,8 @@ def global_norm(tree, specs) -> jax.Array:
     axes (AlexNet's towers): each leaf's sum of squares is summed over the axes it is split
     along, so every device gets the same, complete norm."""
     total = jnp.zeros([], jnp.float32)
-    leaves = jax.tree.leaves(tree)
-    for leaf, spec in zip(leaves, jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))):
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    for leaf, spec in zip(jax.tree.leaves(tree), spec_leaves, strict=True):
         squares = jnp.sum(jnp.square(leaf.astype(jnp.float32)))
         total += lax.psum(squares, _axes_of(spec)) if _axes_of(spec) else squares
     return jnp.sqrt(total)
@@ -113,7 +113,7 @@ def _to_per_device(x: jax.Array, spec: P, sizes: dict) -> jax.Array:
     """Global array -> [data, model, *local]: each device's block, replicated where the spec
     does not split."""
     split_shape, position = [], {}
-    for dim, names in zip(x.shape, _names_per_dim(spec, x.ndim)):
+    for dim, names in zip(x.shape, _names_per_dim(spec, x.ndim), strict=True):
         for name in names:
             position[name] = len(split_shape)
             split_shape.append(sizes[name])

@@ -22,7 +22,13 @@ epochs; dropout 0.5 (Sec. 4.2); 224x224 patches with mirroring and PCA colour sh
 from cnn_jax import defaults
 from cnn_jax.models import alexnet
 
-ARGS = {None: "alexnet", "": "alexnet", "two_tower": "alexnet", "single_tower": "alexnet_single_tower"}
+# The argument after the file name (--config=configs/alexnet.py:single_tower) -> model.
+ARGS = {
+    None: "alexnet",
+    "": "alexnet",
+    "two_tower": "alexnet",
+    "single_tower": "alexnet_single_tower",
+}
 
 
 def get_config(arg=None):

@@ -82,6 +82,31 @@ def conv1_padding(side: int) -> tuple[int, int]:
     return 0, (positions - 1) * CONV1_STRIDE + CONV1_KERNEL - side
 
 
+def _pooled(side: int) -> int:
+    return (side - POOL_WINDOW) // POOL_STRIDE + 1
+
+
+def model_axis_bytes_per_image(image_size: int = 224, width_divisor: int = 1,
+                               itemsize: int = 4) -> dict[str, int]:  # fmt: skip
+    """Bytes one tower's device receives from the other for one image in a training step,
+    from the layer shapes: forward, the other tower's half of the activations gathered before
+    conv3, fc6, fc7 and fc8; backward, the other device's part of the gradient for this
+    tower's half at conv3, fc6 and fc7 (the gather before fc8 transposes to a local slice)."""
+    conv1 = 1 + math.ceil((image_size - CONV1_KERNEL) / CONV1_STRIDE)
+    pool2 = _pooled(_pooled(conv1))
+    pool5 = _pooled(pool2)
+    halves = {
+        "conv3": pool2 * pool2 * TOWER_MAPS[1] // width_divisor,
+        "fc6": pool5 * pool5 * TOWER_MAPS[4] // width_divisor,
+        "fc7": FC_UNITS // TOWERS // width_divisor,
+        "fc8": FC_UNITS // TOWERS // width_divisor,
+    }
+    forward = sum(halves.values()) * itemsize
+    backward = (sum(halves.values()) - halves["fc8"]) * itemsize
+    return {**{f"{k}_input": v * itemsize for k, v in halves.items()},
+            "forward": forward, "backward": backward}  # fmt: skip
+
+
 def _bias_init(name: str):
     return nn.initializers.ones if name in ONE_BIAS_LAYERS else nn.initializers.zeros
 

@@ -1,0 +1,252 @@
+"""AlexNet (Krizhevsky et al. 2012) as one module: layer shapes and parameter counts at the
+paper's size (shape inference only), LRN against the paper's formula, tower isolation on one
+device, initialisation, and the config and validation hooks. Numeric checks run at 64x64
+inputs, the smallest the net takes, and where width does not matter at width_divisor=8."""
+
+import importlib.util
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn_jax import defaults, models, validation
+from cnn_jax.errors import UserError
+from cnn_jax.models import alexnet
+from cnn_jax.models.layers import local_response_norm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALEXNET_CONFIG = os.path.join(REPO, "configs", "alexnet.py")
+
+# Per layer at 224x224 and 1000 classes: (output shape, parameters), from the paper's widths.
+LAYERS = {
+    "conv1": ((55, 55, 96), 11 * 11 * 3 * 96 + 96),
+    "conv2": ((27, 27, 256), 5 * 5 * 48 * 256 + 256),  # each map reads its tower's 48
+    "conv3": ((13, 13, 384), 3 * 3 * 256 * 384 + 384),  # reads both towers' 256
+    "conv4": ((13, 13, 384), 3 * 3 * 192 * 384 + 384),
+    "conv5": ((13, 13, 256), 3 * 3 * 192 * 256 + 256),
+    "fc6": ((4096,), 6 * 6 * 256 * 4096 + 4096),
+    "fc7": ((4096,), 4096 * 4096 + 4096),
+    "fc8": ((1000,), 4096 * 1000 + 1000),
+}
+
+
+def _shapes(model, side=224):
+    """Parameter shapes and each layer's output shape, by shape inference alone."""
+    x = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
+
+    def run(x):
+        variables = model.init(jax.random.key(0), x, train=False)
+        _, state = model.apply(variables, x, train=False, capture_intermediates=True,
+                               mutable=["intermediates"])  # fmt: skip
+        return variables["params"], state["intermediates"]
+
+    return jax.eval_shape(run, x)
+
+
+def _count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_layers_shapes_and_parameter_counts_at_224():
+    params, outputs = _shapes(alexnet.AlexNet())
+    for name, (shape, count) in LAYERS.items():
+        assert outputs[name]["__call__"][0].shape == (1, *shape), name
+        assert _count(params[name]) == count, name
+    assert _count(params) == 60_965_224  # the paper's 60 million
+    # The pools: conv2's 27 is pool1 of 55, conv3's 13 pool2 of 27, fc6's 9216 inputs 6x6x256.
+    assert params["fc6"]["kernel"].shape == (6 * 6 * 256, 4096)
+
+
+def test_conv1_padding_is_cuda_convnets_arithmetic():
+    assert alexnet.conv1_padding(224) == (0, 3)  # 1 + ceil(213 / 4) = 55 positions
+    assert alexnet.conv1_padding(227) == (0, 0)  # (227 - 11) / 4 + 1 = 55 exactly
+
+
+def test_single_tower_variant_has_full_connectivity():
+    params, _ = _shapes(alexnet.AlexNet(towers=1))
+    assert params["conv2"]["kernel"].shape == (5, 5, 96, 256)
+    assert params["conv4"]["kernel"].shape == (3, 3, 384, 384)
+    assert params["conv5"]["kernel"].shape == (3, 3, 384, 256)
+    assert _count(params) == 62_378_344
+
+
+def test_the_split_module_has_the_same_global_parameters():
+    """One checkpoint serves both: init of the tower-split module builds the global arrays."""
+
+    def shapes(model):
+        x = jnp.zeros((1, 224, 224, 3))
+        params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+        return jax.tree.map(lambda p: p.shape, params)
+
+    assert shapes(alexnet.AlexNet(tower_axis="model")) == shapes(alexnet.AlexNet())
+
+
+def test_smallest_input_and_fc6_fan_in_follow_the_image_size():
+    params, outputs = _shapes(alexnet.AlexNet(), side=alexnet.MIN_IMAGE_SIZE)
+    assert outputs["conv1"]["__call__"][0].shape[1] == 15  # pools: 7, 3, 1
+    assert params["fc6"]["kernel"].shape == (256, 4096)
+    # One pixel less: 14 conv1 positions, pools 6, 2, 0 -- nothing left for fc6 to read.
+    params, _ = _shapes(alexnet.AlexNet(), side=alexnet.MIN_IMAGE_SIZE - 1)
+    assert params["fc6"]["kernel"].shape == (0, 4096)
+
+
+def test_lrn_is_the_papers_formula():
+    """b[c] = a[c] / (k + alpha * sum_{max(0, c-n/2)}^{min(N-1, c+n/2)} a[j]^2) ** beta,
+    alpha not divided by n (Sec. 3.3)."""
+    a = np.random.default_rng(0).normal(scale=30.0, size=(2, 3, 3, 12)).astype(np.float32)
+    k, n, alpha, beta = 2.0, 5, 1e-4, 0.75
+    b = np.empty_like(a)
+    channels = a.shape[-1]
+    for c in range(channels):
+        lo, hi = max(0, c - n // 2), min(channels - 1, c + n // 2)
+        b[..., c] = a[..., c] / (k + alpha * np.sum(a[..., lo : hi + 1] ** 2, axis=-1)) ** beta
+    np.testing.assert_allclose(local_response_norm(jnp.asarray(a)), b, rtol=1e-5)
+
+
+def host_params(model, side=64, seed=0):
+    """Parameters of the model's shapes drawn with NumPy: N(0, 0.01) weights, biases 0.1.
+    Tests whose property does not depend on the paper's initialisation skip compiling init
+    (threefry random numbers are slow to compile on a CPU)."""
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, side, side, 3)), train=False)
+    )["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, s: np.full(s.shape, 0.1, np.float32) if path[-1].key == "bias"
+        else rng.normal(0.0, 0.01, s.shape).astype(np.float32), shapes,
+    )  # fmt: skip
+
+
+def _towers(y):
+    half = y.shape[-1] // 2
+    return y[..., :half], y[..., half:]
+
+
+def test_towers_talk_only_at_conv3_and_the_fc_layers():
+    """Changing tower 0's input maps of conv2, conv4 or conv5 leaves tower 1's output of that
+    layer exactly as it was (grouped convolutions, LRN within a tower) and changes tower 0's;
+    changing them for conv3 changes both towers' conv3 outputs (it reads both)."""
+    model = alexnet.AlexNet(num_classes=10)
+    x = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    params = {"params": host_params(model)}
+    layers = ("conv2", "conv3", "conv4", "conv5")
+
+    def outputs(params, x, perturbed_layer=None):
+        def perturb_tower0_input(next_fun, args, kwargs, context):
+            hit = context.module.name == perturbed_layer and context.method_name == "__call__"
+            if perturbed_layer is not None and hit:
+                y = args[0]
+                args = (y.at[..., : y.shape[-1] // 2].add(1.0), *args[1:])
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(perturb_tower0_input):
+            _, state = model.apply(params, x, train=False, capture_intermediates=True,
+                                   mutable=["intermediates"])  # fmt: skip
+        return {k: state["intermediates"][k]["__call__"][0] for k in layers}
+
+    @jax.jit  # one compilation for the reference and the four perturbed runs
+    def all_runs(params, x):
+        return outputs(params, x), {layer: outputs(params, x, layer) for layer in layers}
+
+    before, after = all_runs(params, x)
+    for layer in layers:
+        tower0_before, tower1_before = _towers(before[layer])
+        tower0_after, tower1_after = _towers(after[layer][layer])
+        assert not np.allclose(tower0_after, tower0_before), layer
+        if layer == "conv3":
+            assert not np.allclose(tower1_after, tower1_before)
+        else:
+            np.testing.assert_array_equal(tower1_after, tower1_before, err_msg=layer)
+
+
+def test_initialisation_is_the_papers():
+    """N(0, 0.01) weights; biases 1 in conv2, conv4, conv5, fc6, fc7 and 0 elsewhere (Sec. 5)."""
+    model = alexnet.AlexNet(num_classes=10, width_divisor=2)
+    # An "rbg" key: the same initialisers, but random bits that compile in a fraction of
+    # threefry's time on a CPU.
+    key = jax.random.key(0, impl="rbg")
+    params = jax.jit(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3)), train=False))(key)
+    params = params["params"]
+    for name, layer in params.items():
+        expected_bias = 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
+        np.testing.assert_array_equal(layer["bias"], expected_bias, err_msg=name)
+        kernel = np.asarray(layer["kernel"])
+        assert abs(kernel.std() - 0.01) < 0.001 and abs(kernel.mean()) < 0.001, name
+
+
+def test_dropout_only_in_training_and_half_precision_computes_in_bfloat16():
+    model = alexnet.AlexNet(num_classes=10, width_divisor=8, dtype=jnp.bfloat16)
+    x = np.random.default_rng(1).normal(size=(4, 64, 64, 3)).astype(np.float32)
+    params = {"params": host_params(model)}
+
+    @jax.jit
+    def scores(params, x, key):
+        train = model.apply(params, x, train=True, rngs={"dropout": key})
+        return train, model.apply(params, x, train=False)
+
+    train_a, eval_a = scores(params, x, jax.random.key(2))
+    train_b, eval_b = scores(params, x, jax.random.key(3))
+    assert eval_a.dtype == jnp.float32
+    np.testing.assert_array_equal(eval_a, eval_b)
+    assert not np.allclose(train_a, train_b)
+    hlo = scores.lower(params, x, jax.random.key(2)).as_text()
+    assert "bf16" in hlo and "convolution" in hlo
+
+
+def _config(**overrides):
+    c = defaults.get_default_config()
+    c.model = "alexnet"
+    c.dataset = "synthetic"
+    c.image_size = 64
+    c.preprocess = "scale_to_unit"
+    c.batch_size = 8
+    c.mesh_model = 2
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"image_size": 63}, "needs at least 64"),
+        ({"mesh_model": 4}, "alexnet cannot be split over the model axis; it takes 1 or 2"),
+        ({"model": "lenet5", "image_size": 32, "preprocess": "lenet"}, "lenet5 cannot be split"),
+        ({"mesh_model": 3}, "does not fit the 8 available devices"),
+        ({"mesh_data": 2}, "does not fit the 8 available devices"),
+        ({"width_divisor": 3}, "--config.width_divisor=3 is not one of: 1, 2, 4, 8, 16"),
+    ],
+)
+def test_bad_meshes_and_sizes_are_one_line_before_compiling(overrides, message):
+    with pytest.raises(UserError, match=message) as error:
+        validation.check_config(_config(**overrides), num_devices=8)
+    assert "\n" not in str(error.value)
+
+
+def test_registry_splits_the_towers_only_on_a_model_axis_of_two():
+    assert models.build_model(_config(mesh_model=2)).tower_axis == "model"
+    assert models.build_model(_config(mesh_model=1)).tower_axis is None
+    single = models.build_model(_config(model="alexnet_single_tower", mesh_model=1))
+    assert single.towers == 1 and single.tower_axis is None
+    validation.check_config(_config(mesh_model=2), num_devices=8)  # 4x2 is fine
+
+
+def _load_config(arg=None):
+    spec = importlib.util.spec_from_file_location("_alexnet_config", ALEXNET_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_config_is_the_papers_recipe():
+    c = _load_config()
+    assert (c.model, c.mesh_model, c.image_size, c.dataset) == ("alexnet", 2, 224, "imagenet2012")
+    assert (c.optimizer, c.momentum, c.weight_decay, c.batch_size) == ("sgd", 0.9, 5e-4, 128)
+    assert (c.learning_rate, c.lr_schedule, c.num_epochs, c.dropout_rate) == (
+        0.01, "plateau", 90.0, 0.5)  # fmt: skip
+    assert c.preprocess == "alexnet"
+    single = _load_config("single_tower")
+    assert (single.model, single.mesh_model) == ("alexnet_single_tower", 1)
