@@ -17,6 +17,10 @@ import numpy as np
 STEPS = 3
 BATCH = 8
 SIDE = 64  # AlexNet's smallest input
+# Towers of 12/32/48/48/32 maps, fc 1024: the structure, not the size. Wide enough that every
+# stride-1 convolution stays one (XLA:CPU-specific rewrites in cnn_jax.models.ops turn
+# convolutions over <= 16 maps into dot products), which test_towers reads in the HLO.
+WIDTH_DIVISOR = 4
 
 
 def config(**overrides):
@@ -28,7 +32,7 @@ def config(**overrides):
     c.num_classes = 10
     c.image_size = SIDE
     c.preprocess = "scale_to_unit"
-    c.width_divisor = 8  # towers of 6/16/24/24/16 maps, fc 512: the structure, not the size
+    c.width_divisor = WIDTH_DIVISOR
     c.batch_size = BATCH
     c.synthetic_train_size = 64
     c.synthetic_eval_size = 16
@@ -60,6 +64,37 @@ def this_process_rows(batch: dict) -> dict:
     return {k: v[rows] for k, v in batch.items()}
 
 
+def initial_state(trainer):
+    """The state every run here starts from, on the trainer's mesh: parameters drawn with
+    NumPy (N(0, 0.01) weights, biases 0.1), so it is the same in every process and on every
+    mesh without compiling an init (threefry random numbers compile slowly on a CPU;
+    Trainer.init_state itself is what the end-to-end runs use)."""
+    import jax
+
+    from cnn_jax import parallel, train
+
+    abstract = jax.eval_shape(trainer.init_state)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, s: np.full(s.shape, 0.1, np.float32) if path[-1].key == "bias"
+        else rng.normal(0.0, 0.01, s.shape).astype(np.float32), abstract.params,
+    )  # fmt: skip
+    host = train.TrainState(
+        step=np.zeros((), np.int32), params=params, batch_stats={},
+        opt_state=jax.device_get(jax.jit(trainer.tx.init)(params)),
+        rng=np.asarray(jax.random.key_data(jax.random.key(0))),
+    )  # fmt: skip
+    shardings = parallel.shardings(trainer.mesh, trainer._specs)
+    # Every process holds the whole host value and hands each of its devices its block.
+    state = jax.tree.map(
+        lambda x, sharding: jax.make_array_from_callback(
+            np.shape(x), sharding, lambda index: np.asarray(x)[index]
+        ),
+        host, shardings,
+    )  # fmt: skip
+    return state.replace(rng=jax.random.wrap_key_data(state.rng))
+
+
 def run_steps(trainer, state, step_fn=None):
     """STEPS train steps; returns the final state and each step's metrics."""
     import jax
@@ -87,7 +122,7 @@ def main():
     from cnn_jax import train
 
     trainer = train.Trainer(config())
-    _, metrics = run_steps(trainer, trainer.init_state())
+    _, metrics = run_steps(trainer, initial_state(trainer))
     if jax.process_index() == 0:
         print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),
                           "mesh": dict(trainer.mesh.shape), "metrics": metrics}))  # fmt: skip

@@ -37,7 +37,7 @@ def test_split_forward_and_backward_equal_one_device_with_dropout():
     """The tower-split module under shard_map on 4x2 (dropout on) gives the scores, loss and
     gradients of the one-device module with the same parameters: each data shard draws its
     dropout key from its index, and both towers of a shard draw the same whole-layer mask."""
-    kwargs = dict(num_classes=10, width_divisor=8, dropout_rate=0.5)
+    kwargs = dict(num_classes=10, width_divisor=worker.WIDTH_DIVISOR, dropout_rate=0.5)
     one, split = alexnet.AlexNet(**kwargs), alexnet.AlexNet(tower_axis="model", **kwargs)
     params = host_params(one)
     rng = np.random.default_rng(1)
@@ -97,14 +97,9 @@ def runs():
         "8x1": _trainer(1),
         "1 device": _trainer(1, devices=jax.devices()[:1]),
     }
-    state = trainers["4x2"].init_state()
-    # On the host; the key as raw data (jax.device_get keeps key arrays on the device).
-    initial = jax.device_get(state.replace(rng=jax.random.key_data(state.rng)))
     results = {}
     for name, trainer in trainers.items():
-        shardings = parallel.shardings(trainer.mesh, trainer._specs)
-        state = initial.replace(rng=jax.random.wrap_key_data(initial.rng))
-        state = jax.device_put(state, shardings)
+        state = worker.initial_state(trainer)
         step, hlo = trainer.train_step, None
         if trainer.config.spmd == "shard_map":  # compile ahead of time to read its HLO
             batch = next(iter(worker.global_batches()))
@@ -139,12 +134,12 @@ def test_tower_parameters_and_their_momentum_live_on_their_towers_devices(runs):
     mesh = trainer.mesh
     momentum = state.opt_state[1].trace  # chain: decay, trace (SGD momentum), lr, plateau
     for tree in (state.params, momentum):
-        kernel = tree["conv2"]["kernel"]  # global (5, 5, 6, 32): two towers of 16 maps
+        kernel = tree["conv2"]["kernel"]  # global (5, 5, 12, 64): two towers of 32 maps
         whole = np.asarray(jax.device_get(kernel))
         for shard in kernel.addressable_shards:
             (_, m) = (int(i[0]) for i in np.nonzero(mesh.devices == shard.device))
-            assert shard.data.shape == (5, 5, 6, 16)
-            np.testing.assert_array_equal(shard.data, whole[..., 16 * m : 16 * (m + 1)])
+            assert shard.data.shape == (5, 5, 12, 32)
+            np.testing.assert_array_equal(shard.data, whole[..., 32 * m : 32 * (m + 1)])
         assert tree["fc8"]["kernel"].sharding.is_fully_replicated
         assert tree["conv3"]["kernel"].sharding.spec == P(None, None, None, "model")
 
@@ -197,7 +192,7 @@ def test_compiled_step_gathers_exactly_where_the_paper_talks_across_gpus(runs):
     over_data = [c for c in found if c[0] == "all-reduce" and c[1] == data_groups]
     assert any(shape for _, _, shapes in over_data for shape in shapes)  # the gradients
 
-    per_image = alexnet.model_axis_bytes_per_image(worker.SIDE, width_divisor=8)
+    per_image = alexnet.model_axis_bytes_per_image(worker.SIDE, worker.WIDTH_DIVISOR)
     local_batch = worker.BATCH // mesh.shape["data"]
     # An all-gather brings in the other half of its result; a reduce-scatter the other
     # device's contribution to this device's half, the size of its result.
@@ -222,20 +217,23 @@ def _forward_conv_kernels(hlo: str) -> dict:
 
 def test_each_device_convolves_one_towers_kernel_without_grouping(runs):
     """4x2: each device's program has one convolution per layer with one tower's kernel
-    (width_divisor=8: towers of 6/16/24/24/16 maps) and no grouped convolution anywhere, so
+    (width_divisor=4: towers of 12/32/48/48/32 maps) and no grouped convolution anywhere, so
     XLA did not gather kernels back to full width. On 8x1 each device runs both towers'
-    conv2/4/5 (a grouped convolution, which XLA's CPU backend splits per tower)."""
+    conv2/4/5: a grouped convolution, or one per tower (cnn_jax.models.ops splits them)."""
     kernels = _forward_conv_kernels(runs["4x2"]["hlo"])
     assert kernels == {
-        "conv1": [(11, 11, 3, 6)],
-        "conv2": [(5, 5, 6, 16)],
-        "conv3": [(3, 3, 32, 24)],  # both towers' 2 x 16 maps in, this tower's 24 out
-        "conv4": [(3, 3, 24, 24)],
-        "conv5": [(3, 3, 24, 16)],
+        "conv1": [(11, 11, 3, 12)],
+        "conv2": [(5, 5, 12, 32)],
+        "conv3": [(3, 3, 64, 48)],  # both towers' 2 x 32 maps in, this tower's 48 out
+        "conv4": [(3, 3, 48, 48)],
+        "conv5": [(3, 3, 48, 32)],
     }
     assert "feature_group_count" not in runs["4x2"]["hlo"]
     both_towers = _forward_conv_kernels(runs["8x1"]["hlo"])
-    assert both_towers["conv2"] == [(5, 5, 6, 16)] * 2 and len(both_towers["conv5"]) == 2
+    for layer, (maps_in, maps_out) in {"conv2": (12, 32), "conv4": (48, 48),
+                                       "conv5": (48, 32)}.items():  # fmt: skip
+        assert {k[2] for k in both_towers[layer]} == {maps_in}, layer  # one tower's maps in
+        assert sum(k[3] for k in both_towers[layer]) == 2 * maps_out, layer  # both towers out
 
 
 # --- Two processes, four devices each ------------------------------------------------------------
