@@ -25,7 +25,7 @@ def get_config(arg=None):
     c.num_epochs = 20.0
     c.batch_size = 32
     c.optimizer = "sgd"
-    c.learning_rate = 0.01 if arg == "modern" else 0.002
+    c.learning_rate = 0.01 if arg == "modern" else 0.001
     c.momentum = 0.9
     c.weight_decay = 0.0
     c.lr_schedule = "cosine"
