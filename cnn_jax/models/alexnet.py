@@ -132,9 +132,16 @@ def replicated_all_gather(y: jax.Array, axis_name: str) -> jax.Array:
     Under shard_map that is `all_gather(to='invarying')`, whose result the type system knows
     to be replicated. pmap (vma not tracked) and vmap do not support that primitive in JAX
     0.10, so there the same transpose is a custom VJP."""
-    if axis_name in jax.typeof(y).mat.varying:  # the mesh axes y varies over (check_vma)
+    if axis_name in _varying_axes(y):
         return lax.all_gather(y, axis_name, axis=y.ndim - 1, tiled=True, to="invarying")
     return _gather_keep_own_cotangent(y, axis_name)
+
+
+def _varying_axes(y: jax.Array) -> frozenset:
+    """The mesh axes shard_map's type system knows y to vary over (empty under pmap/vmap)."""
+    aval = jax.typeof(y)
+    vma = getattr(aval, "vma", None)  # the public name in JAX 0.7-0.9
+    return frozenset(vma if vma is not None else aval.mat.varying)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
