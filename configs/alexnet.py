@@ -20,6 +20,7 @@ epochs; dropout 0.5 (Sec. 4.2); 224x224 patches with mirroring and PCA colour sh
 """
 
 from cnn_jax import defaults
+from cnn_jax.errors import UserError
 from cnn_jax.models import alexnet
 
 # The argument after the file name (--config=configs/alexnet.py:single_tower) -> model.
@@ -34,7 +35,7 @@ ARGS = {
 def get_config(arg=None):
     c = defaults.get_default_config()
     if arg not in ARGS:
-        raise ValueError(f"configs/alexnet.py takes two_tower or single_tower, not {arg!r}")
+        raise UserError(f"configs/alexnet.py takes two_tower or single_tower, not {arg!r}")
     c.model = ARGS[arg]
     c.mesh_model = alexnet.TOWERS if c.model == "alexnet" else 1
     c.dataset = "imagenet2012"

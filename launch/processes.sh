@@ -69,7 +69,9 @@ export JAX_COORDINATOR_ADDRESS="$coordinator"
 export JAX_NUM_PROCESSES=$((nodes * n))
 if [[ -n "$cpu_devices" ]]; then
   export JAX_PLATFORMS=cpu
-  export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${cpu_devices}"
+  # Replaces a device count already in XLA_FLAGS (a test environment's 8, say).
+  other_flags=$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')
+  export XLA_FLAGS="${other_flags} --xla_force_host_platform_device_count=${cpu_devices}"
 fi
 
 pids=()
