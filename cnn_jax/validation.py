@@ -70,6 +70,12 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
 
     data, _ = parallel.mesh_shape(config, num_devices)
     _check_model_axis(config, process_count)
+    if data % process_count:
+        raise UserError(
+            f"the mesh's data axis ({data}) is not a multiple of the {process_count} processes: "
+            "each process reads its own examples, so it must hold whole data shards (lower "
+            "--config.mesh_model)"
+        )
     if config.batch_size % data:
         raise UserError(
             f"--config.batch_size={config.batch_size} is not divisible by the mesh's data axis "

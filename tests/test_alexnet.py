@@ -226,6 +226,16 @@ def test_bad_meshes_and_sizes_are_one_line_before_compiling(overrides, message):
     assert "\n" not in str(error.value)
 
 
+def test_processes_must_hold_whole_data_shards():
+    """Each process reads its own examples: two processes with one device each cannot split
+    one data shard's towers between them (and pmap runs in one process)."""
+    with pytest.raises(UserError, match=r"data axis \(1\) is not a multiple of the 2 processes"):
+        validation.check_config(_config(), num_devices=2, process_count=2)
+    with pytest.raises(UserError, match="spmd=pmap runs in one process"):
+        validation.check_config(_config(spmd="pmap"), num_devices=8, process_count=2)
+    validation.check_config(_config(), num_devices=8, process_count=2)  # 4x2 over 2 x 4
+
+
 def test_registry_splits_the_towers_only_on_a_model_axis_of_two():
     assert models.build_model(_config(mesh_model=2)).tower_axis == "model"
     assert models.build_model(_config(mesh_model=1)).tower_axis is None
