@@ -53,6 +53,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from cnn_jax.models.layers import local_response_norm
+from cnn_jax.models.ops import conv_general_dilated, max_pool
 
 TOWERS = 2
 TOWER_MAPS = (48, 128, 192, 192, 128)  # conv1..conv5 maps per tower (Sec. 3.5, Fig. 2)
@@ -119,9 +120,8 @@ def _per_tower(fn, x: jax.Array, towers: int) -> jax.Array:
     return fn(split).reshape(x.shape)
 
 
-def _pool(x: jax.Array) -> jax.Array:
-    window, stride = (POOL_WINDOW, POOL_WINDOW), (POOL_STRIDE, POOL_STRIDE)
-    return nn.max_pool(x, window, strides=stride, padding="VALID")
+def _pool(x: jax.Array) -> jax.Array:  # 3x3 windows, stride 2, as _pooled counts them
+    return max_pool(x, POOL_WINDOW, POOL_STRIDE)
 
 
 def replicated_all_gather(y: jax.Array, axis_name: str) -> jax.Array:
@@ -195,6 +195,7 @@ class AlexNet(nn.Module):
                 # A grouped convolution keeps each tower's maps apart; with one tower
                 # here it is an ordinary convolution over that tower's maps.
                 feature_group_count=here if same_tower else 1,
+                conv_general_dilated=conv_general_dilated,  # fast on CPU too (models/ops.py)
                 kernel_init=WEIGHT_INIT,
                 bias_init=_bias_init(name),
                 dtype=self.dtype,

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnn_jax.models import ops
 from cnn_jax.models.layers import (
     LENET5_C3_TABLE,
     EuclideanRBF,
@@ -49,6 +50,7 @@ class LeNet5(nn.Module):
             return nn.Conv(
                 features, (5, 5), padding="VALID", dtype=self.dtype,
                 kernel_init=lecun_uniform_fan_in(fan_in), name=name,
+                conv_general_dilated=ops.conv_general_dilated,
             )  # fmt: skip
 
         x = lecun_tanh(conv(6, 5 * 5 * 1, "C1")(x))
@@ -74,10 +76,14 @@ class LeNet5Modern(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         del train
         x = x.astype(self.dtype)
-        pool = lambda y: nn.max_pool(y, (2, 2), strides=(2, 2))
-        x = pool(nn.relu(nn.Conv(6, (5, 5), padding="VALID", dtype=self.dtype, name="C1")(x)))
-        x = pool(nn.relu(nn.Conv(16, (5, 5), padding="VALID", dtype=self.dtype, name="C3")(x)))
-        x = nn.relu(nn.Conv(120, (5, 5), padding="VALID", dtype=self.dtype, name="C5")(x))
+        pool = lambda y: ops.max_pool(y, 2, 2)
+        conv = lambda features, name: nn.Conv(
+            features, (5, 5), padding="VALID", dtype=self.dtype, name=name,
+            conv_general_dilated=ops.conv_general_dilated,
+        )  # fmt: skip
+        x = pool(nn.relu(conv(6, "C1")(x)))
+        x = pool(nn.relu(conv(16, "C3")(x)))
+        x = nn.relu(conv(120, "C5")(x))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(84, dtype=self.dtype, name="F6")(x))
         return nn.Dense(self.num_classes, dtype=self.dtype, name="output")(x).astype(jnp.float32)

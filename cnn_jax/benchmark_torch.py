@@ -1,0 +1,193 @@
+"""The PyTorch reference for `python -m cnn_jax.benchmark --torch`: the same layers as the
+cnn_jax models, trained the way a PyTorch user would (eager mode, NCHW, torch.optim.SGD), on
+the same synthetic batch shape, so the two throughputs compare the frameworks and nothing else.
+
+torch is an optional extra (`pip install -e '.[torch]'`) and is imported only when this
+module's functions run: the rest of cnn_jax, and its tests, never need it.
+"""
+
+import time
+
+import numpy as np
+
+from cnn_jax.errors import UserError
+from cnn_jax.models import layers
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise UserError(
+            "--torch needs PyTorch: pip install -e '.[torch]' (a CPU build is enough)"
+        ) from None
+    return torch
+
+
+def _lecun_tanh(torch, x):
+    return 1.7159 * torch.tanh(x * (2.0 / 3.0))
+
+
+def _lenet5(torch, config):
+    """LeNet-5 as cnn_jax.models.lenet.LeNet5 builds it: trainable subsampling, Table I C3
+    (its 60 kernels scattered into a dense kernel each step), Euclidean RBF output."""
+    nn = torch.nn
+    f = torch.nn.functional
+    mask = layers.connection_matrix(layers.LENET5_C3_TABLE, 6)
+    in_idx, out_idx = (torch.as_tensor(i) for i in np.nonzero(mask))
+    prototypes = torch.as_tensor(layers.rbf_prototypes())
+
+    class Subsampling(nn.Module):
+        def __init__(self, maps):
+            super().__init__()
+            self.coefficient = nn.Parameter(torch.empty(maps).uniform_(-0.6, 0.6))
+            self.bias = nn.Parameter(torch.zeros(maps))
+
+        def forward(self, x):
+            block_sum = f.avg_pool2d(x, 2) * 4.0
+            y = block_sum * self.coefficient[:, None, None] + self.bias[:, None, None]
+            return _lecun_tanh(torch, y)
+
+    class LeNet5(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 6, 5)
+            self.s2 = Subsampling(6)
+            self.c3_kernel = nn.Parameter(torch.empty(len(in_idx), 5, 5).uniform_(-0.03, 0.03))
+            self.c3_bias = nn.Parameter(torch.zeros(16))
+            self.s4 = Subsampling(16)
+            self.c5 = nn.Conv2d(16, 120, 5)
+            self.f6 = nn.Linear(120, 84)
+
+        def forward(self, x):
+            x = self.s2(_lecun_tanh(torch, self.c1(x)))
+            dense = self.c3_kernel.new_zeros(16, 6, 5, 5).index_put((out_idx, in_idx),
+                                                                    self.c3_kernel)  # fmt: skip
+            x = self.s4(_lecun_tanh(torch, f.conv2d(x, dense, self.c3_bias)))
+            x = _lecun_tanh(torch, self.c5(x)).flatten(1)
+            x = _lecun_tanh(torch, self.f6(x))
+            w = prototypes
+            distances = (x * x).sum(-1, keepdim=True) - 2.0 * x @ w.T + (w * w).sum(-1)
+            return -distances
+
+    return LeNet5()
+
+
+def _lenet5_modern(torch, config):
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 120, 5), nn.ReLU(), nn.Flatten(),
+        nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, config.num_classes),
+    )  # fmt: skip
+
+
+def _alexnet(torch, config, towers=2):
+    """AlexNet as cnn_jax.models.alexnet builds it on one device: conv2, conv4 and conv5 as
+    grouped convolutions (each tower reads its own maps), the paper's LRN within each tower
+    (PyTorch divides alpha by the window, so alpha * size is passed), overlapping 3/2 pools,
+    cuda-convnet's conv1 arithmetic (3 zero rows/columns bottom/right: 224 -> 55) and
+    dropout on fc6/fc7."""
+    from cnn_jax.models import alexnet
+
+    nn = torch.nn
+    f = torch.nn.functional
+    maps = [m * alexnet.TOWERS // config.width_divisor for m in alexnet.TOWER_MAPS]
+    fc_units = alexnet.FC_UNITS // config.width_divisor
+    side = config.image_size
+    (_, pad_end) = alexnet.conv1_padding(side)
+    groups = towers
+
+    class TowerLRN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lrn = nn.LocalResponseNorm(size=5, alpha=1e-4 * 5, beta=0.75, k=2.0)
+
+        def forward(self, x):
+            return torch.cat([self.lrn(t) for t in x.chunk(groups, dim=1)], dim=1)
+
+    class Conv1Pad(nn.Module):
+        def forward(self, x):
+            return f.pad(x, (0, pad_end, 0, pad_end))
+
+    features = nn.Sequential(
+        Conv1Pad(), nn.Conv2d(3, maps[0], 11, stride=4), nn.ReLU(), TowerLRN(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(maps[0], maps[1], 5, padding=2, groups=groups), nn.ReLU(), TowerLRN(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(maps[1], maps[2], 3, padding=1), nn.ReLU(),
+        nn.Conv2d(maps[2], maps[3], 3, padding=1, groups=groups), nn.ReLU(),
+        nn.Conv2d(maps[3], maps[4], 3, padding=1, groups=groups), nn.ReLU(), nn.MaxPool2d(3, 2),
+    )  # fmt: skip
+    with torch.no_grad():
+        flat = features(torch.zeros(1, 3, side, side)).numel()
+    p = config.dropout_rate
+    return nn.Sequential(
+        features, nn.Flatten(),
+        nn.Linear(flat, fc_units), nn.ReLU(), nn.Dropout(p),
+        nn.Linear(fc_units, fc_units), nn.ReLU(), nn.Dropout(p),
+        nn.Linear(fc_units, config.num_classes),
+    )  # fmt: skip
+
+
+# config.model -> builder of the PyTorch module with the same layers.
+TORCH_MODELS = {
+    "lenet5": _lenet5,
+    "lenet5_modern": _lenet5_modern,
+    "alexnet": _alexnet,
+    "alexnet_single_tower": lambda torch, config: _alexnet(torch, config, towers=1),
+}
+
+
+def _loss_fn(torch, config):
+    f = torch.nn.functional
+    if config.loss == "lenet_map":
+        j = config.lenet_map_j
+
+        def lenet_map(scores, labels):  # cnn_jax.losses.lenet_map
+            y_correct = -scores.gather(1, labels[:, None])[:, 0]
+            rubbish = scores.new_full((scores.shape[0], 1), -j)
+            return (y_correct + torch.logsumexp(torch.cat([rubbish, scores], 1), 1)).mean()
+
+        return lenet_map
+    return f.cross_entropy
+
+
+class TorchTrainer:
+    """One compiled-nothing eager training step of the reference model on a fixed batch."""
+
+    def __init__(self, config, channels: int):
+        torch = _torch()
+        try:
+            build = TORCH_MODELS[config.model]
+        except KeyError:
+            raise UserError(
+                f"--torch has no PyTorch reference for model {config.model!r}; choose one of: "
+                f"{', '.join(sorted(TORCH_MODELS))}"
+            ) from None
+        if config.optimizer != "sgd":
+            raise UserError(f"--torch compares SGD only; got --config.optimizer={config.optimizer}")
+        torch.manual_seed(config.seed)
+        self.torch = torch
+        self.model = build(torch, config)
+        self.model.train()
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=config.learning_rate, momentum=config.momentum,
+            nesterov=config.nesterov, weight_decay=config.weight_decay,
+        )  # fmt: skip
+        self.loss = _loss_fn(torch, config)
+        b, s = config.batch_size, config.image_size
+        self.images = torch.randn(b, channels, s, s)
+        self.labels = torch.randint(0, config.num_classes, (b,))
+
+    def step(self) -> float:
+        """One step; returns its wall time in seconds (eager: done when the call returns)."""
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(self.model(self.images), self.labels)
+        loss.backward()
+        self.optimizer.step()
+        return time.perf_counter() - start
+
+    def threads(self) -> int:
+        return self.torch.get_num_threads()
