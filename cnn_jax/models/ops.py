@@ -47,7 +47,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if feature_group_count > 1:
         lhs_groups = jnp.split(lhs, feature_group_count, axis=dn.lhs_spec[1])
         rhs_groups = jnp.split(rhs, feature_group_count, axis=dn.rhs_spec[0])
-        outs = [conv(x, k) for x, k in zip(lhs_groups, rhs_groups, strict=True)]
+        one_group = functools.partial(
+            conv_general_dilated, window_strides=window_strides, padding=padding,
+            lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers, precision=precision,
+            preferred_element_type=preferred_element_type,
+        )  # fmt: skip
+        outs = [one_group(x, k) for x, k in zip(lhs_groups, rhs_groups, strict=True)]
         return jnp.concatenate(outs, axis=dn.out_spec[1])
 
     nhwc = dn == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
@@ -61,9 +67,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         pads = [tuple(p) for p in padding]
 
     def on_cpu(x, kernel):
-        if any(p != (0, 0) for p in pads):
-            x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
-        return _conv_cpu(x, kernel, strides, precision)
+        return _conv_cpu(x, kernel, strides, tuple(pads), precision)
 
     return lax.platform_dependent(lhs, rhs, cpu=on_cpu, default=conv)
 
@@ -72,50 +76,61 @@ def _few_maps(kernel) -> bool:
     return max(kernel.shape[-2:]) <= _YNN_MIN_FEATURES
 
 
-def _use_dot_form(x, kernel, strides) -> bool:
+def _use_dot_form(x, kernel, strides, pads) -> bool:
     """Stride 1 and either few maps or one output position (kernel covers the input)."""
-    covers_input = x.shape[1:3] == kernel.shape[:2]
+    covers_input = all(x.shape[1 + d] + sum(pads[d]) == kernel.shape[d] for d in range(2))
     return strides == (1, 1) and (_few_maps(kernel) or covers_input)
 
 
-def _xla_conv(x, kernel, strides, precision):
-    return lax.conv_general_dilated(x, kernel, strides, "VALID", precision=precision,
+def _pad(x, pads):
+    return jnp.pad(x, [(0, 0), *pads, (0, 0)]) if any(p != (0, 0) for p in pads) else x
+
+
+def _xla_conv(x, kernel, strides, pads, precision):
+    return lax.conv_general_dilated(x, kernel, strides, pads, precision=precision,
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_cpu(x, kernel, strides, precision):
-    """A VALID NHWC/HWIO convolution, each of its three products computed the way XLA:CPU
-    runs it fastest (x is already padded):
+def _dot_form_padded(x, kernel, pads, precision):
+    return _dot_form(_pad(x, pads), kernel, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_cpu(x, kernel, strides, pads, precision):
+    """An NHWC/HWIO convolution, each of its three products computed the way XLA:CPU runs
+    it fastest:
 
     - forward and input gradient: XLA's own convolutions, except at stride 1 with few maps or
       a kernel covering the input (LeNet-5), where YNNPACK refuses them and Eigen's are
       slow: `_dot_form` and its gradient, dot products and shifted adds (2-25x faster);
     - kernel gradient: `_kernel_grad_rows`, kh matrix products over the whole batch, instead
       of XLA's convolution with the batch as its feature dimension, which YNNPACK runs at a
-      tenth of its matmul speed (2-3x faster on AlexNet's layers); with few maps XLA's own.
+      tenth of its matmul speed (2-4x faster on AlexNet's layers); with few maps XLA's own.
     """
-    if _use_dot_form(x, kernel, strides):
-        return _dot_form(x, kernel, precision)
-    return _xla_conv(x, kernel, strides, precision)
+    if _use_dot_form(x, kernel, strides, pads):
+        return _dot_form_padded(x, kernel, pads, precision)
+    return _xla_conv(x, kernel, strides, pads, precision)
 
 
-def _conv_cpu_fwd(x, kernel, strides, precision):
-    return _conv_cpu(x, kernel, strides, precision), (x, kernel)
+def _conv_cpu_fwd(x, kernel, strides, pads, precision):
+    return _conv_cpu(x, kernel, strides, pads, precision), (x, kernel)
 
 
-def _conv_cpu_bwd(strides, precision, residuals, g):
+def _conv_cpu_bwd(strides, pads, precision, residuals, g):
     x, kernel = residuals
-    if _use_dot_form(x, kernel, strides):
-        dx = jax.vjp(lambda x: _dot_form(x, kernel, precision), x)[1](g)[0]
-    else:
-        dx = jax.vjp(lambda x: _xla_conv(x, kernel, strides, precision), x)[1](g)[0]
-    if x.shape[1:3] == kernel.shape[:2]:  # one output position: a matmul's gradient
-        dkernel = jax.vjp(lambda k: _dot_form(x, k, precision), kernel)[1](g)[0]
+    if _use_dot_form(x, kernel, strides, pads):
+        dx = jax.vjp(lambda x: _dot_form_padded(x, kernel, pads, precision), x)[1](g)[0]
+    else:  # XLA's transposed convolution keeps the padding inside: YNNPACK takes it
+        dx = jax.vjp(lambda x: _xla_conv(x, kernel, strides, pads, precision), x)[1](g)[0]
+    padded = _pad(x, pads)
+    if padded.shape[1:3] == kernel.shape[:2]:  # one output position: a matmul's gradient
+        dkernel = jax.vjp(lambda k: _dot_form(padded, k, precision), kernel)[1](g)[0]
     elif _few_maps(kernel):
-        dkernel = jax.vjp(lambda k: _xla_conv(x, k, strides, precision), kernel)[1](g)[0]
+        no_pads = ((0, 0), (0, 0))
+        as_conv = lambda k: _xla_conv(padded, k, strides, no_pads, precision)
+        dkernel = jax.vjp(as_conv, kernel)[1](g)[0]
     else:
-        dkernel = _kernel_grad_rows(x, g, kernel.shape, strides, precision)
+        dkernel = _kernel_grad_rows(padded, g, kernel.shape, strides, precision)
     return dx, dkernel
 
 
@@ -160,10 +175,11 @@ def _dot_form(x, kernel, precision):
         y = dot(x.reshape(n, h * w * c), kernel.reshape(kh * kw * c, o))
         return y.reshape(n, 1, 1, o)
     if c == 1:
-        # Zero output maps up to YNNPACK's minimum, then dropped: a 3x larger convolution in
-        # its fast kernels is still 2.5x faster than Eigen's. (A sum of shifted outer products
-        # is faster alone, but XLA fuses it into every consumer and recomputes it there.)
-        spare = _YNN_MIN_FEATURES + 1 - o
+        # Zero output maps past YNNPACK's minimum (24: a multiple of its 8-wide vectors),
+        # then dropped: a 4x larger convolution in its fast kernels is still 3.5x faster
+        # than Eigen's. (A sum of shifted outer products is faster alone, but XLA fuses it
+        # into every consumer and recomputes it there.)
+        spare = 24 - o
         wide = jnp.pad(kernel, [(0, 0), (0, 0), (0, 0), (0, max(0, spare))])
         valid = lax.conv_general_dilated(x, wide, (1, 1), "VALID", precision=precision,
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
