@@ -17,21 +17,14 @@ shared machine falls on both alike, and each reports the median of its per-step 
 import json
 import math
 import statistics
+import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from cnn_jax import cli
-
-flags.DEFINE_integer("steps", 20, "Timed training steps (after the warm-up), per framework.")
-flags.DEFINE_integer("warmup", 3, "Untimed training steps after compilation, per framework.")
-flags.DEFINE_integer("input_steps", 50, "Timed input-pipeline batches; 0 skips that part.")
-flags.DEFINE_bool("torch", False, "Also time the PyTorch reference of the same layers.")
-flags.DEFINE_integer("rounds", 5, "With --torch: alternate the frameworks this many times.")
-flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s for MFU; 0: look it up.")
-config_flags.DEFINE_config_file("config", None, "A configs/*.py file; every field overridable.")
-flags.mark_flags_as_required(["config"])
+from cnn_jax.errors import UserError
 
 # Dense peak TFLOP/s per chip, (bfloat16, float32). XLA's default precision runs float32
 # matmuls and convolutions on GPU tensor cores as TF32, so TF32 is float32's peak there.
@@ -114,6 +107,11 @@ def run(config, *, steps=20, warmup=3, input_steps=50, with_torch=False, rounds=
 
     trainer = train.Trainer(config)
     config = trainer.config
+    reference = None  # built first: a model without a PyTorch reference fails before compiling
+    if with_torch:
+        from cnn_jax import benchmark_torch
+
+        reference = benchmark_torch.TorchTrainer(config, channels=trainer.input_shape[-1])
     state = trainer.init_state()
     batch = synthetic_batch(trainer)
 
@@ -131,11 +129,6 @@ def run(config, *, steps=20, warmup=3, input_steps=50, with_torch=False, rounds=
         jax.block_until_ready(metrics)
         return time.perf_counter() - start
 
-    reference = None
-    if with_torch:
-        from cnn_jax import benchmark_torch
-
-        reference = benchmark_torch.TorchTrainer(config, channels=trainer.input_shape[-1])
     for _ in range(warmup):
         jax_step()
         if reference:
@@ -189,15 +182,42 @@ def run(config, *, steps=20, warmup=3, input_steps=50, with_torch=False, rounds=
     return result
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    f = flags.FLAGS
-    cli.run(lambda: print(json.dumps(run(
-        f.config, steps=f.steps, warmup=f.warmup, input_steps=f.input_steps,
-        with_torch=f.torch, rounds=f.rounds, peak_tflops=f.peak_tflops,
-    ))))  # fmt: skip
+def main(argv: list[str] | None = None) -> None:
+    """Command line; takes argv (program name first) so tests can call it in-process. Its
+    flags live in their own FlagValues, so it never clashes with cnn_jax.main's."""
+    argv = sys.argv if argv is None else argv
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "A configs/*.py file; every field overridable.", flag_values=fv,
+        sys_argv=argv,  # where config_flags looks for --config.FIELD overrides
+    )  # fmt: skip
+    flags.DEFINE_integer("steps", 20, "Timed training steps per framework.", flag_values=fv)
+    flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling, per framework.",
+                         flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("input_steps", 50, "Timed input-pipeline batches; 0 skips them.",
+                         flag_values=fv)  # fmt: skip
+    flags.DEFINE_bool("torch", False, "Also time the PyTorch reference of the same layers.",
+                      flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("rounds", 5, "With --torch: alternate the frameworks this many times.",
+                         flag_values=fv)  # fmt: skip
+    flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s for MFU; 0: look it up.",
+                       flag_values=fv)  # fmt: skip
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__.split("\n\n")[1], fv.get_help(), sep="\n\n")
+        return
+    rest = cli.parse_flags(argv, fv)
+
+    def body():
+        if len(rest) > 1:
+            raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
+        if fv.config is None:
+            raise UserError("--config=configs/X.py[:arg] is required")
+        result = run(fv.config, steps=fv.steps, warmup=fv.warmup, input_steps=fv.input_steps,
+                     with_torch=fv.torch, rounds=fv.rounds, peak_tflops=fv.peak_tflops)  # fmt: skip
+        print(json.dumps(result))
+
+    cli.run(body, fv.config)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    main()

@@ -28,7 +28,7 @@ def _lecun_tanh(torch, x):
     return 1.7159 * torch.tanh(x * (2.0 / 3.0))
 
 
-def _lenet5(torch, config):
+def _lenet5(torch, config, channels):
     """LeNet-5 as cnn_jax.models.lenet.LeNet5 builds it: trainable subsampling, Table I C3
     (its 60 kernels scattered into a dense kernel each step), Euclidean RBF output."""
     nn = torch.nn
@@ -51,7 +51,7 @@ def _lenet5(torch, config):
     class LeNet5(nn.Module):
         def __init__(self):
             super().__init__()
-            self.c1 = nn.Conv2d(1, 6, 5)
+            self.c1 = nn.Conv2d(channels, 6, 5)
             self.s2 = Subsampling(6)
             self.c3_kernel = nn.Parameter(torch.empty(len(in_idx), 5, 5).uniform_(-0.03, 0.03))
             self.c3_bias = nn.Parameter(torch.zeros(16))
@@ -73,17 +73,17 @@ def _lenet5(torch, config):
     return LeNet5()
 
 
-def _lenet5_modern(torch, config):
+def _lenet5_modern(torch, config, channels):
     nn = torch.nn
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 120, 5), nn.ReLU(), nn.Flatten(),
         nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, config.num_classes),
     )  # fmt: skip
 
 
-def _alexnet(torch, config, towers=2):
+def _alexnet(torch, config, channels, towers=2):
     """AlexNet as cnn_jax.models.alexnet builds it on one device: conv2, conv4 and conv5 as
     grouped convolutions (each tower reads its own maps), the paper's LRN within each tower
     (PyTorch divides alpha by the window, so alpha * size is passed), overlapping 3/2 pools,
@@ -112,7 +112,8 @@ def _alexnet(torch, config, towers=2):
             return f.pad(x, (0, pad_end, 0, pad_end))
 
     features = nn.Sequential(
-        Conv1Pad(), nn.Conv2d(3, maps[0], 11, stride=4), nn.ReLU(), TowerLRN(), nn.MaxPool2d(3, 2),
+        Conv1Pad(), nn.Conv2d(channels, maps[0], 11, stride=4), nn.ReLU(), TowerLRN(),
+        nn.MaxPool2d(3, 2),
         nn.Conv2d(maps[0], maps[1], 5, padding=2, groups=groups), nn.ReLU(), TowerLRN(),
         nn.MaxPool2d(3, 2),
         nn.Conv2d(maps[1], maps[2], 3, padding=1), nn.ReLU(),
@@ -120,7 +121,7 @@ def _alexnet(torch, config, towers=2):
         nn.Conv2d(maps[3], maps[4], 3, padding=1, groups=groups), nn.ReLU(), nn.MaxPool2d(3, 2),
     )  # fmt: skip
     with torch.no_grad():
-        flat = features(torch.zeros(1, 3, side, side)).numel()
+        flat = features(torch.zeros(1, channels, side, side)).numel()
     p = config.dropout_rate
     return nn.Sequential(
         features, nn.Flatten(),
@@ -135,7 +136,9 @@ TORCH_MODELS = {
     "lenet5": _lenet5,
     "lenet5_modern": _lenet5_modern,
     "alexnet": _alexnet,
-    "alexnet_single_tower": lambda torch, config: _alexnet(torch, config, towers=1),
+    "alexnet_single_tower": lambda torch, config, channels: _alexnet(
+        torch, config, channels, towers=1
+    ),
 }
 
 
@@ -169,7 +172,7 @@ class TorchTrainer:
             raise UserError(f"--torch compares SGD only; got --config.optimizer={config.optimizer}")
         torch.manual_seed(config.seed)
         self.torch = torch
-        self.model = build(torch, config)
+        self.model = build(torch, config, channels)
         self.model.train()
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=config.learning_rate, momentum=config.momentum,

@@ -72,13 +72,20 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.plateau_patience = 2
     c.plateau_max_drops = 3
     c.plateau_min_delta = 1e-4
-    c.half_precision = False  # bfloat16 compute, float32 master weights and loss.
+    # bfloat16 compute with float32 master weights and loss. Unset (None): resolved when the
+    # run starts, True on GPU/TPU, False on CPU (no bfloat16 arithmetic on most CPUs: there it
+    # only adds conversions; README, Performance). config.json records the value used.
+    c.half_precision = ml_collections.config_dict.placeholder(bool)
 
     # --- Parallelism -------------------------------------------------------------------------
     # The mesh is (data, model). model=2 splits AlexNet's towers over devices; data=-1 uses
     # every remaining device.
     c.mesh_data = -1
     c.mesh_model = 1
+    # CPU-only runs: how many XLA devices the cores are split into (the mesh's devices).
+    # 0: one per core, as many as divide batch_size; 1: one device using every core.
+    # XLA_FLAGS=--xla_force_host_platform_device_count=N, where set, takes precedence.
+    c.cpu_devices = 0
     c.spmd = "shard_map"  # shard_map, or pmap (the classic path; must agree).
 
     # --- Loop, logging and checkpoints -------------------------------------------------------

@@ -21,7 +21,7 @@ def main(argv):
             )
         train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
-    cli.run(body)
+    cli.run(body, flags.FLAGS.config)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,7 @@ class Trainer:
     """Everything a run builds once from its config: mesh, model, optimiser, compiled steps."""
 
     def __init__(self, config: ml_collections.ConfigDict):
+        models.resolve_half_precision(config)
         validation.check_config(config, jax.device_count(), jax.process_count())
         datasets.resolve_dataset_fields(config)
         self.config = config

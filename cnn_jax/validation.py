@@ -48,8 +48,16 @@ def check_model(config) -> None:
         )
 
 
+def check_cpu_devices(config) -> None:
+    if config.cpu_devices < 0:
+        raise UserError(
+            f"--config.cpu_devices={config.cpu_devices} must be >= 0 (0: one per CPU core)"
+        )
+
+
 def check_config(config, num_devices: int, process_count: int = 1) -> None:
     check_model(config)
+    check_cpu_devices(config)
     datasets.dataset_spec(config)  # unknown dataset
     _choice(config, "loss", tuple(losses.LOSSES))
     _choice(config, "preprocess", tuple(preprocess.PREPROCESSORS))

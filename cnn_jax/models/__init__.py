@@ -17,6 +17,14 @@ def _dtype(config) -> jnp.dtype:
     return jnp.bfloat16 if config.half_precision else jnp.float32
 
 
+def resolve_half_precision(config) -> None:
+    """Fill an unset (None) config.half_precision in place: bfloat16 compute on GPU and TPU,
+    whose matrix units run it at twice float32's rate or more, float32 on CPU, where it only
+    adds conversions (README, Performance)."""
+    if config.half_precision is None:
+        config.half_precision = jax.default_backend() in ("gpu", "tpu")
+
+
 def _width_divisor(c, allowed: tuple[int, ...]) -> int:
     if c.width_divisor not in allowed:
         raise UserError(

@@ -1,0 +1,84 @@
+"""Smoke test of the throughput benchmark: it runs, and its numbers are the right kind of
+numbers (no timing assertions: the machine is shared)."""
+
+import importlib.util
+import math
+
+import pytest
+
+from cnn_jax import benchmark, defaults
+
+
+def _tiny_config():
+    c = defaults.get_default_config()
+    c.model = "lenet5_modern"
+    c.dataset = "synthetic"
+    c.synthetic_channels = 3  # three input maps: every convolution runs as its full arithmetic
+    c.synthetic_train_size = 64
+    c.synthetic_eval_size = 16
+    c.preprocess = "scale_to_unit"
+    c.image_size = 32
+    c.batch_size = 16  # two examples on each of the 8 test devices
+    c.cache = False
+    return c
+
+
+def _forward_macs() -> int:
+    """LeNet-5's layers on a 3-map 32x32 input (multiply-adds per image)."""
+    c1 = 28 * 28 * 6 * (5 * 5 * 3)
+    c3 = 10 * 10 * 16 * (5 * 5 * 6)
+    c5 = 120 * (5 * 5 * 16)
+    return c1 + c3 + c5 + 120 * 84 + 84 * 10
+
+
+# PyTorch is an optional extra: with it installed, the same run also times the reference.
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+@pytest.fixture(scope="module")
+def result():
+    return benchmark.run(_tiny_config(), steps=4, warmup=1, input_steps=2,
+                         with_torch=HAVE_TORCH, rounds=2)  # fmt: skip
+
+
+def test_fields_are_present_and_positive(result):
+    for field in ("images_per_sec", "step_ms", "compile_s", "flops_per_image",
+                  "achieved_flops_per_sec", "input_images_per_sec"):  # fmt: skip
+        assert math.isfinite(result[field]) and result[field] > 0, field
+    assert result["device_count"] == 8 and result["backend"] == "cpu"
+    assert result["device_kind"] and result["timed_steps"] == 4
+    assert result["model"] == "lenet5_modern" and result["batch_size"] == 16
+    assert result["half_precision"] is False  # resolved from the backend: CPU
+    p10, p90 = result["step_ms_p10_p90"]
+    assert p10 <= result["step_ms"] <= p90
+    assert result["images_per_sec"] == pytest.approx(16 / (result["step_ms"] / 1e3))
+    assert result["achieved_flops_per_sec"] == pytest.approx(
+        result["flops_per_image"] * result["images_per_sec"]
+    )
+    assert result["peak_flops_per_sec"] is None and result["mfu"] is None  # no CPU peak
+
+
+def test_flops_per_image_matches_the_layer_arithmetic(result):
+    """XLA's count of the compiled step, all devices together, against forward + two
+    backward products per layer (the first layer has no input gradient). The rest (18% here)
+    is elementwise work and the optimiser update, which every device repeats on its copy of
+    the parameters."""
+    macs = _forward_macs()
+    first_layer = 28 * 28 * 6 * (5 * 5 * 3)
+    analytic = 2 * (3 * macs - first_layer)
+    assert analytic < result["flops_per_image"] < analytic * 1.35
+
+
+def test_peak_lookup():
+    assert benchmark.peak_flops_per_sec("NVIDIA H100 80GB HBM3", True) == 989e12
+    assert benchmark.peak_flops_per_sec("NVIDIA H100 80GB HBM3", False) == pytest.approx(494.7e12)
+    assert benchmark.peak_flops_per_sec("cpu", True) is None
+    assert benchmark.peak_flops_per_sec("cpu", True, override_tflops=2.0) == 2e12
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="the optional torch extra is not installed")
+def test_torch_reference_runs_beside_it(result):
+    assert result["torch_images_per_sec"] > 0 and result["torch_threads"] >= 1
+    assert result["ratio"] == pytest.approx(result["torch_step_ms"] / result["step_ms"])
+    t10, t90 = result["torch_step_ms_p10_p90"]
+    assert t10 <= result["torch_step_ms"] <= t90
