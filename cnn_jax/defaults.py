@@ -83,9 +83,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.mesh_data = -1
     c.mesh_model = 1
     # CPU-only runs: how many XLA devices the cores are split into (the mesh's devices).
-    # 0: one per core, as many as divide batch_size; 1: one device using every core.
+    # 1: one device whose operations use every core (best for big layers: AlexNet);
+    # 0: one device per core, as many as divide batch_size (best for small ones: LeNet-5).
     # XLA_FLAGS=--xla_force_host_platform_device_count=N, where set, takes precedence.
-    c.cpu_devices = 0
+    c.cpu_devices = 1
     c.spmd = "shard_map"  # shard_map, or pmap (the classic path; must agree).
 
     # --- Loop, logging and checkpoints -------------------------------------------------------

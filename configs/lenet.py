@@ -24,6 +24,9 @@ def get_config(arg=None):
     # Levenberg-Marquardt steps; we use minibatch SGD with momentum, the modern equivalent.
     c.num_epochs = 20.0
     c.batch_size = 32
+    # On a CPU, one XLA device per core, each training its share of the batch: XLA's
+    # threading inside one device gains little on layers this small (README, Performance).
+    c.cpu_devices = 0
     c.optimizer = "sgd"
     c.learning_rate = 0.01 if arg == "modern" else 0.001
     c.momentum = 0.9

@@ -82,3 +82,13 @@ def test_torch_reference_runs_beside_it(result):
     assert result["ratio"] == pytest.approx(result["torch_step_ms"] / result["step_ms"])
     t10, t90 = result["torch_step_ms_p10_p90"]
     assert t10 <= result["torch_step_ms"] <= t90
+
+
+def test_cpu_cores_become_devices_that_divide_the_batch(monkeypatch):
+    from cnn_jax import cli
+
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    assert cli._cores_dividing(batch_size=128, model_axis=1) == 4  # 6 cores: 4 divides 128
+    assert cli._cores_dividing(batch_size=96, model_axis=1) == 6
+    assert cli._cores_dividing(batch_size=32, model_axis=2) == 4  # data 2 x model 2
+    assert cli._cores_dividing(batch_size=7, model_axis=1) == 1
