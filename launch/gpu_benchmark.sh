@@ -26,21 +26,19 @@ mkdir -p "$OUT"
 "$PYTHON" -c "import jax; d = jax.devices()[0]; print(f'{jax.device_count()} x {d.device_kind}'); \
 assert jax.default_backend() == 'gpu', 'no GPU visible to JAX (pip install jax[cuda12])'"
 
-run() {  # name, then benchmark arguments
-  local name=$1; shift
-  echo "== $name" >&2
-  # One GPU: AlexNet's two towers run on it together (mesh_model=1).
-  timeout 240 "$PYTHON" -m cnn_jax.benchmark --config.dataset=synthetic \
-    --config.mesh_model=1 --steps="$STEPS" --warmup=5 --input_steps=0 "${PEAK[@]}" "$@" \
-    > "$OUT/$name.json"
+run() {  # name, config file, batch size, half precision (True/False)
+  echo "== $1" >&2
+  # --config first: its --config.FIELD overrides must follow it. One GPU: AlexNet's two
+  # towers run on it together (mesh_model=1).
+  timeout 240 "$PYTHON" -m cnn_jax.benchmark --config="$2" --config.batch_size="$3" \
+    --config.half_precision="$4" --config.dataset=synthetic --config.mesh_model=1 \
+    --steps="$STEPS" --warmup=5 --input_steps=0 "${PEAK[@]}" > "$OUT/$1.json"
 }
 
 for dtype in bf16 f32; do
   half=$([[ $dtype == bf16 ]] && echo True || echo False)
-  run "alexnet_$dtype" --config=configs/alexnet.py --config.batch_size="$BATCH_ALEXNET" \
-    --config.half_precision="$half"
-  run "vgg16_$dtype" --config=configs/vgg.py:D --config.batch_size="$BATCH_VGG" \
-    --config.half_precision="$half"
+  run "alexnet_$dtype" configs/alexnet.py "$BATCH_ALEXNET" "$half"
+  run "vgg16_$dtype" configs/vgg.py:D "$BATCH_VGG" "$half"
 done
 
 "$PYTHON" - "$OUT" <<'EOF'
