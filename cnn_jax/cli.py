@@ -90,8 +90,8 @@ def split_cpu_cores(config) -> None:
     """config.cpu_devices XLA CPU devices (0: one per core, as many as divide the batch).
 
     The mesh's data axis then runs a share of the batch on each. XLA:CPU's threading inside
-    one device gains little on small layers (LeNet-5, batch 128, 2 cores: ~18 ms a step as one
-    device, ~13.5 ms as two), while big ones use it well and need no gradient all-reduce
+    one device gains little on small layers (LeNet-5, batch 128, 2 cores: ~19 ms a step as one
+    device, ~14 ms as two), while big ones use it well and need no gradient all-reduce
     (AlexNet, batch 32: ~1.65 s as one device, ~1.9 s as two; README, Performance). Only the
     CPU backend reads this: GPU and TPU runs are unchanged, and an explicit
     XLA_FLAGS=--xla_force_host_platform_device_count wins.

@@ -3,7 +3,7 @@
 Same results as `lax.conv_general_dilated` and `flax.linen.max_pool` (same parameters, same
 gradients); the models use these so that the step is fast on a CPU as well as on accelerators.
 Each rewrite was measured on a 2-core x86 CPU (XLA:CPU in jax 0.10, single-thread CPU time
-per call, batch 128 LeNet-5 / batch 8 AlexNet); the numbers are in README, Performance.
+per call, batch 128 LeNet-5 / batch 8-32 AlexNet); the numbers are in README, Performance.
 
 Why XLA:CPU needs help: it sends a convolution to its fast YNNPACK kernels only when a
 feature dimension has more than 16 maps and the output is no larger than the input; the rest
@@ -34,8 +34,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       that group's slice of maps and kernel, concatenated: same kernel layout (H, W, C/groups,
       O), and gradients that are ordinary convolutions. XLA's own gradient of the grouped
       kernel was over half of an AlexNet CPU step.
-    - On CPU, a stride-1 NHWC convolution with few maps (LeNet-5) is rewritten into dot
-      products and shifted multiply-adds (`_small_conv_cpu`).
+    - On CPU, each product of an NHWC convolution (forward, input and kernel gradient) is
+      computed the way XLA:CPU runs it fastest (`_conv_cpu`).
     """
     conv = functools.partial(
         lax.conv_general_dilated, window_strides=window_strides, padding=padding,
@@ -113,7 +113,7 @@ def _conv_cpu(x, kernel, strides, pads, precision):
       slow: `_dot_form` and its gradient, dot products and shifted adds (2-25x faster);
     - kernel gradient: `_kernel_grad_rows`, kh matrix products over the whole batch, instead
       of XLA's convolution with the batch as its feature dimension, which YNNPACK runs at a
-      tenth of its matmul speed (2-4x faster on AlexNet's layers); with few maps XLA's own.
+      tenth of its matmul speed (2-3x faster on AlexNet's layers); with few maps XLA's own.
     """
     if _use_dot_form(x, kernel, strides, pads):
         return _dot_form_padded(x, kernel, pads, precision)
@@ -170,8 +170,8 @@ def _dot_form(x, kernel, precision):
 
     - kernel covering the whole input: one matmul over the flattened window (LeNet-5's C5;
       Eigen's input gradient of it was 25x slower);
-    - one input map (C1): a sum of kh*kw shifted outer products, one fused loop (6x faster
-      than Eigen's convolution);
+    - one input map (C1): YNNPACK's convolution on output maps zero-padded past its minimum
+      (3.5x faster than Eigen's);
     - otherwise (C3): the kw column shifts side by side as one (kw*C)-map input, then kh
       row-shifted matmuls, whose input gradient is matmuls and shifted adds too (2x faster).
     """
