@@ -88,3 +88,106 @@ def test_lrn_gradient_matches_autodiff_of_the_formula(beta):
     y1, back1 = jax.vjp(lambda a: layers.local_response_norm(a, beta=beta), x)
     np.testing.assert_allclose(y1, y0, rtol=1e-5)
     np.testing.assert_allclose(back1(g)[0], back0(g)[0], rtol=1e-4, atol=1e-6)
+
+
+# Mixed precision on CPU: bfloat16 in and out, computed in float32 inside. Tolerances are a
+# few bfloat16 ulps (2^-8 relative): the reference rounds after every operation.
+BF16_TOL = {"rtol": 3e-2, "atol": 3e-2}
+
+
+def _close_in_bfloat16(got, want, scale=1.0):
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=BF16_TOL["rtol"],
+                               atol=BF16_TOL["atol"] * scale)  # fmt: skip
+
+
+def test_float32_on_cpu_rounds_once_to_bfloat16():
+    """On CPU the tail is the float32 computation of the same bfloat16 inputs, rounded once;
+    a rewrite that dropped the rounding, or the float32 compute, would not match exactly."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((4, 6, 6, 5)), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal(5), jnp.float32)  # a float32 master parameter
+    tail = lambda y, b: layers.lecun_tanh(y + b)
+    got = jax.jit(lambda x, b: ops.float32_on_cpu(tail, x, b))(x, b)
+    b16 = b.astype(jnp.bfloat16).astype(jnp.float32)  # the layer's bfloat16 copy of b
+    want = tail(x.astype(jnp.float32), b16).astype(jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.float32(got), np.float32(want))
+    _close_in_bfloat16(got, tail(x, b.astype(jnp.bfloat16)))  # the all-bfloat16 op
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "groups,stride,padding", [(1, 1, "VALID"), (2, 2, 1), (1, 4, [(0, 3), (0, 3)])]
+)
+def test_conv_layer_matches_flax_conv_then_activation(dtype, groups, stride, padding):
+    """layers.Conv has nn.Conv's parameters (same tree, same initial values) and computes
+    activation(nn.Conv(x)): exactly in float32, within bfloat16 rounding in bfloat16, for the
+    output and for the gradients of the input and of both parameters."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 13, 13, 8)), jnp.float32)
+    kw = dict(features=6, kernel_size=(3, 3), strides=(stride, stride), padding=padding,
+              feature_group_count=groups, dtype=dtype,
+              bias_init=nn.initializers.normal(0.5))  # fmt: skip
+    ours = layers.Conv(activation=layers.lecun_tanh, **kw)
+    theirs = nn.Conv(**kw)
+    params = ours.init(jax.random.key(0), x)
+    ref_params = theirs.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref_params)
+    jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+
+    def loss(apply, params, x):
+        y = apply(params, x)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+
+    got = jax.jit(jax.grad(lambda p, x: loss(ours.apply, p, x), (0, 1), has_aux=True))
+    want = jax.grad(lambda p, x: loss(lambda p, x: layers.lecun_tanh(theirs.apply(p, x)), p, x),
+                    (0, 1), has_aux=True)  # fmt: skip
+    ((dp1, dx1), y1), ((dp0, dx0), y0) = got(params, x), want(params, x)
+    if dtype == jnp.float32:
+        grads = zip(jax.tree.leaves(dp1), jax.tree.leaves(dp0), strict=True)
+        for a, b in ((y1, y0), (dx1, dx0), *grads):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    else:
+        _close_in_bfloat16(y1, y0)
+        _close_in_bfloat16(dx1, dx0, scale=float(jnp.abs(dx0).max()))
+        for a, b in zip(jax.tree.leaves(dp1), jax.tree.leaves(dp0), strict=True):
+            _close_in_bfloat16(a, b, scale=float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dot_general_matches_lax(dtype):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((4, 48)), dtype)
+    w = jnp.asarray(rng.standard_normal((48, 7)), dtype)
+    dims = (((1,), (0,)), ((), ()))
+    f = lambda dot: lambda x, w: jnp.sum(jnp.sin(dot(x, w, dims).astype(jnp.float32)))
+    y1, y0 = jax.jit(ops.dot_general, static_argnums=2)(x, w, dims), lax.dot_general(x, w, dims)
+    g1 = jax.jit(jax.grad(f(ops.dot_general), (0, 1)))(x, w)
+    g0 = jax.grad(f(lax.dot_general), (0, 1))(x, w)
+    assert y1.dtype == dtype
+    if dtype == jnp.float32:
+        for a, b in ((y1, y0), *zip(g1, g0, strict=True)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    else:
+        # float32 products of the bfloat16 values, rounded once
+        exact = (x.astype(jnp.float32) @ w.astype(jnp.float32)).astype(jnp.bfloat16)
+        np.testing.assert_array_equal(np.float32(y1), np.float32(exact))
+        _close_in_bfloat16(y1, y0, scale=float(jnp.abs(np.float32(y0)).max()))
+        for a, b in zip(g1, g0, strict=True):
+            _close_in_bfloat16(a, b, scale=float(jnp.abs(np.float32(b)).max()))
+
+
+def test_max_pool_gradient_in_bfloat16():
+    """The CPU gradient sums in float32 and rounds once: exactly flax's gradient of the same
+    bfloat16 input computed in float32, then rounded."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(np.maximum(rng.standard_normal((2, 13, 13, 3)), 0.0), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((2, 6, 6, 3)), jnp.bfloat16)
+    flax_pool = lambda x: nn.max_pool(x, (3, 3), (2, 2), "VALID")
+    y1, back1 = jax.vjp(lambda x: ops.max_pool(x, 3, 2), x)
+    want = jax.vjp(flax_pool, x.astype(jnp.float32))[1](g.astype(jnp.float32))[0]
+    np.testing.assert_array_equal(np.float32(y1), np.float32(flax_pool(x)))
+    dx = back1(g)[0]
+    assert dx.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.float32(dx), np.float32(want.astype(jnp.bfloat16)))

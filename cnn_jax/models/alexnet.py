@@ -52,8 +52,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from cnn_jax.models.layers import local_response_norm
-from cnn_jax.models.ops import conv_general_dilated, max_pool
+from cnn_jax.models.layers import Conv, local_response_norm
+from cnn_jax.models.ops import dot_general, max_pool
 
 TOWERS = 2
 TOWER_MAPS = (48, 128, 192, 192, 128)  # conv1..conv5 maps per tower (Sec. 3.5, Fig. 2)
@@ -187,7 +187,8 @@ class AlexNet(nn.Module):
         fc_units = FC_UNITS // self.width_divisor
 
         def conv(name, y, kernel, *, padding, stride=1, same_tower=False):
-            return nn.Conv(
+            # nn.Conv's parameters and a ReLU, added with the bias (fast on CPU too: ops.py)
+            return Conv(
                 maps[int(name[-1]) - 1] * here // self.towers,
                 (kernel, kernel),
                 strides=(stride, stride),
@@ -195,7 +196,7 @@ class AlexNet(nn.Module):
                 # A grouped convolution keeps each tower's maps apart; with one tower
                 # here it is an ordinary convolution over that tower's maps.
                 feature_group_count=here if same_tower else 1,
-                conv_general_dilated=conv_general_dilated,  # fast on CPU too (models/ops.py)
+                activation=nn.relu,
                 kernel_init=WEIGHT_INIT,
                 bias_init=_bias_init(name),
                 dtype=self.dtype,
@@ -205,7 +206,7 @@ class AlexNet(nn.Module):
         def dense(name, y, units):
             return nn.Dense(
                 units, kernel_init=WEIGHT_INIT, bias_init=_bias_init(name),
-                dtype=self.dtype, name=name,
+                dtype=self.dtype, dot_general=dot_general, name=name,
             )(y)  # fmt: skip
 
         def gather(y, *, replicated=False):
@@ -222,11 +223,11 @@ class AlexNet(nn.Module):
         x = x.astype(self.dtype)
         pad1 = conv1_padding(x.shape[1]), conv1_padding(x.shape[2])
         x = conv("conv1", x, CONV1_KERNEL, stride=CONV1_STRIDE, padding=pad1)
-        x = _pool(lrn(nn.relu(x)))
-        x = _pool(lrn(nn.relu(conv("conv2", x, 5, padding=2, same_tower=True))))
-        x = nn.relu(conv("conv3", gather(x), 3, padding=1))
-        x = nn.relu(conv("conv4", x, 3, padding=1, same_tower=True))
-        x = _pool(nn.relu(conv("conv5", x, 3, padding=1, same_tower=True)))
+        x = _pool(lrn(x))
+        x = _pool(lrn(conv("conv2", x, 5, padding=2, same_tower=True)))
+        x = conv("conv3", gather(x), 3, padding=1)
+        x = conv("conv4", x, 3, padding=1, same_tower=True)
+        x = _pool(conv("conv5", x, 3, padding=1, same_tower=True))
         x = gather(x).reshape(x.shape[0], -1)  # (N, 6*6*256) at 224: both towers' maps
         x = self._dropout(nn.relu(dense("fc6", x, fc_units * here // self.towers)), train, split)
         x = gather(x)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from cnn_jax.models import ops
 from cnn_jax.models.layers import (
     LENET5_C3_TABLE,
+    Conv,
     EuclideanRBF,
     SparseConv,
     TrainableSubsampling,
@@ -46,21 +47,21 @@ class LeNet5(nn.Module):
             raise ValueError("LeNet-5's RBF output has one prototype per digit: num_classes=10")
         x = x.astype(self.dtype)
 
-        def conv(features, fan_in, name):
-            return nn.Conv(
-                features, (5, 5), padding="VALID", dtype=self.dtype,
+        def conv(features, fan_in, name):  # nn.Conv's parameters, squashed with its bias
+            return Conv(
+                features, (5, 5), padding="VALID", dtype=self.dtype, activation=lecun_tanh,
                 kernel_init=lecun_uniform_fan_in(fan_in), name=name,
-                conv_general_dilated=ops.conv_general_dilated,
             )  # fmt: skip
 
-        x = lecun_tanh(conv(6, 5 * 5 * 1, "C1")(x))
+        x = conv(6, 5 * 5 * 1, "C1")(x)
         x = TrainableSubsampling(name="S2")(x)
-        x = lecun_tanh(SparseConv(LENET5_C3_TABLE, num_inputs=6, name="C3")(x))
+        x = SparseConv(LENET5_C3_TABLE, num_inputs=6, activation=lecun_tanh, name="C3")(x)
         x = TrainableSubsampling(name="S4")(x)
-        x = lecun_tanh(conv(120, 5 * 5 * 16, "C5")(x))
+        x = conv(120, 5 * 5 * 16, "C5")(x)
         x = x.reshape(x.shape[0], -1)
-        x = nn.Dense(84, dtype=self.dtype, kernel_init=lecun_uniform_fan_in(120), name="F6")(x)
-        x = lecun_tanh(x)
+        x = nn.Dense(84, dtype=self.dtype, kernel_init=lecun_uniform_fan_in(120), name="F6",
+                     dot_general=ops.dot_general)(x)  # fmt: skip
+        x = ops.float32_on_cpu(lecun_tanh, x)
         distances = EuclideanRBF(name="output")(x.astype(jnp.float32))
         return -distances
 
@@ -77,13 +78,15 @@ class LeNet5Modern(nn.Module):
         del train
         x = x.astype(self.dtype)
         pool = lambda y: ops.max_pool(y, 2, 2)
-        conv = lambda features, name: nn.Conv(
-            features, (5, 5), padding="VALID", dtype=self.dtype, name=name,
-            conv_general_dilated=ops.conv_general_dilated,
-        )  # fmt: skip
-        x = pool(nn.relu(conv(6, "C1")(x)))
-        x = pool(nn.relu(conv(16, "C3")(x)))
-        x = nn.relu(conv(120, "C5")(x))
+        conv = lambda features, name: Conv(
+            features, (5, 5), padding="VALID", dtype=self.dtype, activation=nn.relu, name=name
+        )
+        dense = lambda features, name: nn.Dense(
+            features, dtype=self.dtype, dot_general=ops.dot_general, name=name
+        )
+        x = pool(conv(6, "C1")(x))
+        x = pool(conv(16, "C3")(x))
+        x = conv(120, "C5")(x)
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(84, dtype=self.dtype, name="F6")(x))
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="output")(x).astype(jnp.float32)
+        x = nn.relu(dense(84, "F6")(x))
+        return dense(self.num_classes, "output")(x).astype(jnp.float32)
