@@ -214,3 +214,10 @@ def _check_image_folder_has_images(config) -> None:
             f"--config.manual_dir={root}: no images ({', '.join(image_folder.IMAGE_EXTENSIONS)}) "
             f"in {where}; expected ROOT/SPLIT/CLASS/*.jpg with a train split"
         )
+    # Checked here, not when the first evaluation opens the split, so that a wrong name
+    # stops the run before it trains.
+    if not set(splits) & set(image_folder.EVAL_SPLIT_NAMES):
+        raise UserError(
+            f"--config.manual_dir={root} has no {' / '.join(image_folder.EVAL_SPLIT_NAMES)} "
+            f"split to evaluate on (found: {', '.join(splits)}); expected ROOT/SPLIT/CLASS/*.jpg"
+        )

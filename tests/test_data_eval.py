@@ -424,6 +424,14 @@ def test_folder_without_images_is_one_clear_error(tmp_path):
         train.Trainer(_folder_config(""))
 
 
+def test_folder_without_an_eval_split_fails_before_training(tmp_path):
+    for split in ("train", "eval"):  # "eval" is not one of the names evaluation looks for
+        os.makedirs(tmp_path / split / "cat")
+        (tmp_path / split / "cat" / "a.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match="no validation / val / test split"):
+        train.Trainer(_folder_config(str(tmp_path)))
+
+
 def test_eval_pipeline_carries_the_ten_crop_square(folder_run):
     config = _folder_config(folder_run["root"])
     batch = next(pipeline.eval_dataset(config).as_numpy_iterator())
