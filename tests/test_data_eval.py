@@ -187,6 +187,22 @@ def test_lenet_distortions_only_in_training_and_background_fills_the_border():
     assert bent.max() > 1.0  # the stroke survives the transform
 
 
+def test_lenet_preprocessing_of_images_known_only_at_run_time():
+    """A folder's JPEGs have no static size: larger ones are shrunk to the input side, the
+    28x28 digits padded, both inside tf.data.map."""
+    config = _config(image_size=32, preprocess="lenet")
+    spec = tf.TensorSpec([None, None, 3], tf.uint8)
+    images = [np.full((80, 60, 3), 255, np.uint8), np.full((28, 28, 3), 255, np.uint8)]
+    ds = tf.data.Dataset.from_generator(lambda: iter(images), output_signature=spec)
+    seed = tf.zeros([2], tf.int64)
+    large, small = ds.map(lambda im: preprocess.lenet(im, seed, train=False, config=config))
+    assert large.shape == small.shape == (32, 32, 3)
+    np.testing.assert_allclose(large.numpy(), preprocess.LENET_INK, atol=1e-5)  # all ink
+    small = small.numpy()
+    np.testing.assert_allclose(small[:2], preprocess.LENET_BACKGROUND, atol=1e-6)  # padding
+    np.testing.assert_allclose(small[2:30, 2:30], preprocess.LENET_INK, atol=1e-5)
+
+
 # --- Evaluation -----------------------------------------------------------------------------
 
 

@@ -167,10 +167,15 @@ def lenet(image, seed, *, train, config):
     image = tf.cast(decoded(image), tf.float32) / 255.0
     image = LENET_BACKGROUND + image * (LENET_INK - LENET_BACKGROUND)
     size = config.image_size
+    static_side = image.shape[0]
+    if static_side is None or static_side > size:
+        # Larger images (a folder of JPEGs, whose size is known only per image) are shrunk to
+        # the input side; MNIST's 28x28 digits are padded below, as the paper did.
+        too_large = tf.reduce_any(tf.shape(image)[:2] > size)
+        image = tf.cond(
+            too_large, lambda: tf.image.resize(image, [size, size], antialias=True), lambda: image
+        )
     h, w = tf.shape(image)[0], tf.shape(image)[1]
-    if image.shape[0] is not None and image.shape[0] > size:
-        image = tf.image.resize(image, [size, size], antialias=True)
-        h, w = size, size
     pad_h, pad_w = size - h, size - w
     # Pad with the background value, not zero, so the border looks like paper.
     image = (
