@@ -202,14 +202,10 @@ def main(argv: list[str] | None = None) -> None:
                          flag_values=fv)  # fmt: skip
     flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s for MFU; 0: look it up.",
                        flag_values=fv)  # fmt: skip
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(__doc__.split("\n\n")[1], fv.get_help(), sep="\n\n")
+    if not cli.parse_tool_flags(argv, fv, __doc__):
         return
-    rest = cli.parse_flags(argv, fv)
 
     def body():
-        if len(rest) > 1:
-            raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
         if fv.config is None:
             raise UserError("--config=configs/X.py[:arg] is required")
         result = run(fv.config, steps=fv.steps, warmup=fv.warmup, input_steps=fv.input_steps,

@@ -41,6 +41,20 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     return rest
 
 
+def parse_tool_flags(argv: list[str], flag_values: flags.FlagValues, doc: str) -> bool:
+    """The tools with their own FlagValues (benchmark, summary): `--help` prints the usage
+    paragraph of the tool's docstring and its flags and returns False (nothing to run);
+    otherwise the flags are parsed as `parse_flags` does, a positional argument is one error
+    line, and it returns True."""
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(doc.split("\n\n")[1], flag_values.get_help(), sep="\n\n")
+        return False
+    rest = parse_flags(argv, flag_values)
+    if len(rest) > 1:
+        _fail(f"unexpected arguments: {' '.join(rest[1:])}")
+    return True
+
+
 def _override_named(argv: list[str], error: str) -> str | None:
     """The --config.FIELD argument that a KeyError/AttributeError names, if there is one."""
     field = error.strip("\"' ")

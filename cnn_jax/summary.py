@@ -208,14 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     flags.DEFINE_bool(
         "models_table", False, "Print the README's Markdown model table.", flag_values=fv
     )
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(__doc__.split("\n\n")[1], fv.get_help(), sep="\n\n")
+    if not cli.parse_tool_flags(argv, fv, __doc__):
         return
-    rest = cli.parse_flags(argv, fv)
 
     def body():
-        if len(rest) > 1:
-            raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
         if fv.models_table:
             print(models_table())
         elif fv.config is None:
