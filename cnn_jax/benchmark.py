@@ -7,13 +7,15 @@ The step timed is the one `cnn_jax.main` trains with (`train.Trainer.train_step`
 once ahead of time so that compilation, XLA's cost analysis and the timed steps all see the
 same executable. It runs on a fixed synthetic batch already on the devices, so the number is
 the model's speed alone; the input pipeline (`Trainer.train_batches`: tf.data, preprocessing,
-transfer to the devices) is timed separately, alone, as `input_images_per_sec`.
+transfer to the devices) is timed separately, alone, as `input_images_per_sec` and, per core,
+`input_images_per_cpu_sec`.
 
 With --torch the PyTorch reference of the same layers (cnn_jax.benchmark_torch) runs on the
 same machine. The two are timed in alternating rounds, so that load from other processes on a
 shared machine falls on both alike, and each reports the median of its per-step times.
 """
 
+import contextlib
 import json
 import math
 import statistics
@@ -67,6 +69,21 @@ def synthetic_batch(trainer, seed: int = 0) -> dict:
     return jax.tree.map(lambda x: jax.device_put(x, sharding), local)
 
 
+def without_dataset(config):
+    """A copy of config that reads synthetic examples of its dataset's shape and classes in
+    place of the dataset itself (which may be ImageNet, not prepared on this machine)."""
+    from cnn_jax.data import datasets
+
+    spec = datasets.dataset_spec(config)
+    config = config.copy_and_resolve_references()
+    if config.dataset != "synthetic":
+        config.synthetic_channels = spec.channels
+        config.num_classes = spec.num_classes or config.num_classes
+        config.dataset = "synthetic"
+    config.synthetic_train_size = max(config.synthetic_train_size, config.batch_size)
+    return config
+
+
 def step_flops(compiled) -> float:
     """FLOPs of one execution of a compiled SPMD program on one device (XLA's count)."""
     analysis = compiled.cost_analysis()
@@ -75,20 +92,30 @@ def step_flops(compiled) -> float:
     return float(analysis.get("flops", 0.0))
 
 
-def input_images_per_sec(trainer, batches: int) -> float:
-    """Images per second the input pipeline alone delivers to the devices, in steady state:
-    a cached dataset is read through one whole epoch first, as training would."""
+def input_rates(trainer, batches: int) -> tuple[float, float]:
+    """(images/s, images per CPU-second) the input pipeline alone delivers to the devices, in
+    steady state: a cached dataset is read through one whole epoch first, as training would.
+    CPU-seconds are this process's user + system time over all its threads, so the second
+    number is one core's rate, which other processes' load on a shared machine barely moves
+    (docs/input_pipeline.md)."""
+    import resource
+
     import jax
+
+    def cpu_seconds():
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
 
     warmup = min(trainer.steps_per_epoch, 500) if trainer.config.cache else 3
     stream = trainer.train_batches(0)
     for _ in range(warmup):
         next(stream)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(batches):
         batch = next(stream)
     jax.block_until_ready(batch)
-    return batches * trainer.config.batch_size / (time.perf_counter() - start)
+    images = batches * trainer.config.batch_size
+    return images / (time.perf_counter() - start), images / (cpu_seconds() - cpu)
 
 
 def _median_spread(seconds: list[float]) -> tuple[float, float, float]:
@@ -105,6 +132,8 @@ def run(config, *, steps=20, warmup=3, input_steps=50, with_torch=False, rounds=
 
     from cnn_jax import train
 
+    if input_steps <= 0:  # the model's speed alone: no need to have, or prepare, the data
+        config = without_dataset(config)
     trainer = train.Trainer(config)
     config = trainer.config
     reference = None  # built first: a model without a PyTorch reference fails before compiling
@@ -166,6 +195,7 @@ def run(config, *, steps=20, warmup=3, input_steps=50, with_torch=False, rounds=
         "backend": jax.default_backend(),
         "dataset": config.dataset,
         "input_images_per_sec": None,
+        "input_images_per_cpu_sec": None,
     }
     if reference:
         torch_ms, t10, t90 = _median_spread(torch_times)
@@ -178,7 +208,8 @@ def run(config, *, steps=20, warmup=3, input_steps=50, with_torch=False, rounds=
         }
     del state
     if input_steps > 0:
-        result["input_images_per_sec"] = input_images_per_sec(trainer, input_steps)
+        wall, per_cpu = input_rates(trainer, input_steps)
+        result["input_images_per_sec"], result["input_images_per_cpu_sec"] = wall, per_cpu
     return result
 
 
@@ -191,25 +222,33 @@ def main(argv: list[str] | None = None) -> None:
         "config", None, "A configs/*.py file; every field overridable.", flag_values=fv,
         sys_argv=argv,  # where config_flags looks for --config.FIELD overrides
     )  # fmt: skip
-    flags.DEFINE_integer("steps", 20, "Timed training steps per framework.", flag_values=fv)
+    # Bounds: a count out of range is one error line, not a silently different benchmark.
+    flags.DEFINE_integer("steps", 20, "Timed training steps per framework.", lower_bound=1,
+                         flag_values=fv)  # fmt: skip
     flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling, per framework.",
-                         flag_values=fv)  # fmt: skip
+                         lower_bound=0, flag_values=fv)  # fmt: skip
     flags.DEFINE_integer("input_steps", 50, "Timed input-pipeline batches; 0 skips them.",
-                         flag_values=fv)  # fmt: skip
+                         lower_bound=0, flag_values=fv)  # fmt: skip
     flags.DEFINE_bool("torch", False, "Also time the PyTorch reference of the same layers.",
                       flag_values=fv)  # fmt: skip
     flags.DEFINE_integer("rounds", 5, "With --torch: alternate the frameworks this many times.",
-                         flag_values=fv)  # fmt: skip
+                         lower_bound=1, flag_values=fv)  # fmt: skip
     flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s for MFU; 0: look it up.",
                        flag_values=fv)  # fmt: skip
+    flags.register_validator("peak_tflops", lambda v: math.isfinite(v) and v >= 0,
+                             "must be a finite number >= 0", flag_values=fv)  # fmt: skip
     if not cli.parse_tool_flags(argv, fv, __doc__):
         return
 
     def body():
         if fv.config is None:
             raise UserError("--config=configs/X.py[:arg] is required")
-        result = run(fv.config, steps=fv.steps, warmup=fv.warmup, input_steps=fv.input_steps,
-                     with_torch=fv.torch, rounds=fv.rounds, peak_tflops=fv.peak_tflops)  # fmt: skip
+        # stdout carries the one JSON object; what a run says on the way (the mesh chosen,
+        # a dataset being prepared) goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run(fv.config, steps=fv.steps, warmup=fv.warmup,
+                         input_steps=fv.input_steps, with_torch=fv.torch, rounds=fv.rounds,
+                         peak_tflops=fv.peak_tflops)  # fmt: skip
         print(json.dumps(result))
 
     cli.run(body, fv.config)

@@ -12,17 +12,23 @@ What a run can rely on:
   moved to WORKDIR/corrupt_checkpoints/, and the next older one is tried. If none restores the
   run stops (RunFailure naming the steps): a workdir with checkpoints never restarts from scratch.
 - A full disk stops the run with one line (RunFailure) instead of a background-thread traceback.
-- SIGTERM (a preemption notice) asks the loop to save the current step and stop (StopSignal).
+- SIGTERM (a preemption notice) asks the loop to save the current step and stop (StopSignal);
+  so does Ctrl-C once training runs.
 """
 
 import contextlib
 import errno
+import functools
+import gc
+import inspect
 import json
+import logging
 import os
 import shutil
 import signal
 import sys
 import threading
+import traceback
 
 import jax
 import numpy as np
@@ -94,6 +100,8 @@ class Checkpointer:
         processes agree on the outcome of each attempt.
         """
         steps = sorted(self.all_steps(), reverse=True)
+        if steps:  # before the first attempt: some reports come while a failed one unwinds
+            hide_abandoned_read_reports()
         tried: list[tuple[int, str]] = []
         for step in steps:
             state, problem = self._try_restore(step, like)
@@ -117,7 +125,8 @@ class Checkpointer:
         try:
             state = self.restore(step, like)
         except Exception as e:  # Orbax/TensorStore raise plain Exception/ValueError here
-            return None, _innermost_message(e)
+            gc.collect()  # most of its abandoned reads are reported now, not while training
+            return None, innermost_message(e)
         if int(state.step) != step:
             return None, f"it holds step {int(state.step)}"
         return state, None
@@ -186,11 +195,20 @@ class _DiskErrors:
         ) from error
 
 
+AGAIN = (
+    "interrupted again: stopped at once; the newest checkpoint saved whole is intact, rerun "
+    "the same command to resume from it"
+)
+
+
 class StopSignal:
     """Tells the loop when to checkpoint the current step and stop: on SIGTERM, the notice a
-    cloud VM gets before preemption.
+    cloud VM gets before preemption, and, once `catch_interrupts` is called, on Ctrl-C.
 
-    One process: a SIGTERM handler sets a flag that `requested` reads after each step.
+    One process: a handler sets a flag that `requested` reads after each step; `reason` says
+    which signal ("SIGTERM" or "Ctrl-C"). A second Ctrl-C ends the process at once
+    (errors.exit_interrupted): a save it cuts short was never renamed into place, so it does
+    not count. A SIGINT that was ignored (a background job) stays so.
     Several processes: JAX's preemption service (started by jax.distributed.initialize)
     catches SIGTERM on whichever host gets it and agrees with all hosts on one step to stop
     at; `requested` asks it, so every process saves that same step. No Python handler is
@@ -198,29 +216,40 @@ class StopSignal:
     """
 
     def __init__(self):
-        self._received = False
-        self._previous = None
+        self.reason: str | None = None
+        self._previous: dict[int, object] = {}  # signal -> the handler to restore
         self._multi_process = jax.process_count() > 1
 
+    def _can_handle(self) -> bool:
+        return not self._multi_process and threading.current_thread() is threading.main_thread()
+
     def __enter__(self):
-        if not self._multi_process and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if self._can_handle():
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
         return self
 
+    def catch_interrupts(self) -> None:
+        """From now on Ctrl-C saves the current step and stops the loop, as SIGTERM does."""
+        usable = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+        if self._can_handle() and usable and signal.SIGINT not in self._previous:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
+
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
-    def _on_sigterm(self, signum, frame):
-        del signum, frame
-        self._received = True
+    def _on_signal(self, signum, frame):
+        del frame
+        if signum == signal.SIGINT:  # a second Ctrl-C ends the process at once
+            signal.signal(signal.SIGINT, functools.partial(errors.exit_interrupted, AGAIN))
+        self.reason = self.reason or ("Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
 
     def requested(self, step: int) -> bool:
         """Called once per step with the number of steps done, on every process."""
-        if self._multi_process:
-            return ocp.multihost.reached_preemption(step)
-        return self._received
+        if self._multi_process and ocp.multihost.reached_preemption(step):
+            self.reason = "SIGTERM"
+        return self.reason is not None
 
 
 def write_config(config, workdir: str) -> None:
@@ -240,12 +269,66 @@ def saved_config(workdir: str) -> dict | None:
         return None
     try:
         with open(path) as f:
-            return json.load(f)
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__}, not an object")
     except (OSError, ValueError) as e:
         raise RunFailure(
             f"{path} is unreadable ({e}); it records the config the checkpoints were made "
             "with: restore it, or delete it to resume without the config check"
         ) from e
+    return saved
+
+
+_ORBAX_DIR = os.path.dirname(ocp.__file__)
+
+
+def hide_abandoned_read_reports() -> None:
+    """Keep Orbax's leftovers of a failed restore off stderr, for the rest of the process.
+
+    When one array of a checkpoint fails to read, Orbax gives up on the others while they are
+    still reading. Each of those read coroutines, closed unfinished whenever the garbage
+    collector gets to it, turns its GeneratorExit into an Exception (an `except BaseException`
+    around the read) and Python prints it with its whole TensorStore spec: dozens of lines per
+    array, "Exception ignored in: <coroutine ...>". A read that TensorStore finishes after
+    that hands its result to Orbax's closed event loop: "RuntimeError: Event loop is closed".
+    And asyncio logs the reads that failed too but that nobody awaited any more ("...
+    exception was never retrieved", with the same spec). Our own warning already says the
+    checkpoint does not restore, so these reports are dropped, recognised by where they come
+    from; any other unraisable exception or asyncio error is still printed. Installed once,
+    before the first restore, and kept: the reports come from other threads and from the
+    collector, at any time after a failure.
+    """
+    if getattr(sys.unraisablehook, "drops_abandoned_reads", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_abandoned_read(unraisable):
+            previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_drop_unretrieved_orbax_errors)
+
+
+def _drop_unretrieved_orbax_errors(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    unretrieved = "exception was never retrieved" in str(record.msg).split("\n")[0]
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    return not (unretrieved and any(f.filename.startswith(_ORBAX_DIR) for f in frames))
+
+
+def _is_abandoned_read(unraisable) -> bool:
+    error, source = unraisable.exc_value, unraisable.object
+    if inspect.iscoroutine(source):
+        return source.cr_code.co_filename.startswith(_ORBAX_DIR) and isinstance(
+            getattr(error, "__cause__", None), GeneratorExit
+        )
+    if source is None and isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        frames = traceback.extract_tb(unraisable.exc_traceback)
+        return bool(frames) and frames[0].name == "call_soon_threadsafe"
+    return False
 
 
 def _on_every_process(ok: bool) -> bool:
@@ -254,7 +337,7 @@ def _on_every_process(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
-def _innermost_message(error: BaseException) -> str:
+def innermost_message(error: BaseException) -> str:
     """The root cause's first line, short: Orbax wraps TensorStore's useful message in a
     long one that prints the whole TensorStore spec."""
     while error.__cause__ is not None:

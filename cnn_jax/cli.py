@@ -1,17 +1,17 @@
 """What every command-line entry point shares: flag parsing whose errors are one line,
 TensorFlow kept off the accelerators, multi-process start-up, and UserError -> exit 2."""
 
+import functools
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from absl import flags, logging
 
 from cnn_jax import errors
 from cnn_jax.errors import UserError
-
-# TensorFlow's C++ start-up chatter (CPU feature notes, plugin registration) is noise here.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 USAGE_EXIT = 2
 
@@ -86,8 +86,9 @@ def setup_runtime(config=None) -> None:
     """Before JAX touches a device: hide accelerators from TensorFlow (tf.data only), split
     the CPU cores into devices (`config.cpu_devices`), and join a multi-process job when
     launched as one."""
-    # Orbax and TFDS log every save and read at INFO; our own output says what matters.
-    logging.set_verbosity(logging.WARNING)
+    # Orbax and TFDS log routine events at INFO and WARNING (every save and read, a
+    # read-only manager, a dataset folder being prepared); cnn_jax says what matters itself.
+    logging.set_verbosity(logging.ERROR)
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
@@ -139,14 +140,17 @@ def _process_args() -> dict:
     env, args = os.environ, {}
     if "JAX_NUM_PROCESSES" in env:
         args["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+    elif _slurm_step_tasks() > 1 and env["SLURM_NTASKS"] != str(_slurm_step_tasks()):
+        # srun --preserve-env keeps the allocation's SLURM_NTASKS, which JAX would wait for.
+        args["num_processes"] = _slurm_step_tasks()
     if "JAX_PROCESS_ID" in env:
         args["process_id"] = int(env["JAX_PROCESS_ID"])
     return args
 
 
 def _launched_as_multi_process() -> bool:
-    # Cloud TPU VM slices, SLURM and Open MPI set these; jax.distributed picks the rest up.
-    # CNN_JAX_MULTIPROCESS=1 asks for it where nothing in the environment says so (a Cloud
+    # Cloud TPU VM slices, srun steps and Open MPI set these; jax.distributed picks the rest
+    # up. CNN_JAX_MULTIPROCESS=1 asks for it where nothing in the environment says so (a Cloud
     # TPU VM's ssh shell: JAX reads the slice from the VM's metadata; launch/tpu_vm.sh).
     env = os.environ
     return bool(
@@ -154,24 +158,58 @@ def _launched_as_multi_process() -> bool:
         or env.get("JAX_COORDINATOR_ADDRESS")
         or int(env.get("JAX_NUM_PROCESSES", "1")) > 1
         or (env.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") > 0)
-        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or _slurm_step_tasks() > 1
         or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
     )
 
 
-def run(fn: Callable[[], object], config=None) -> None:
+# What JAX's SLURM detection reads (jax/_src/clusters/slurm_cluster.py); srun sets all five
+# for every task of a step.
+_SLURM_TASK_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                         "SLURM_LOCALID")  # fmt: skip
+
+
+def _slurm_step_tasks() -> int:
+    """How many tasks the srun step this process belongs to has; 1 outside a step.
+
+    An salloc shell or a batch script itself has SLURM_NTASKS (the allocation's) but is one
+    process, and JAX finds no coordinator there (no SLURM_STEP_NODELIST): it runs alone
+    (docs/multihost.md). Under srun, SLURM_NTASKS is the step's count unless --preserve-env
+    kept the allocation's (salloc's interactive step does), so the step's own count decides.
+    """
+    env = os.environ
+    if not all(name in env for name in _SLURM_TASK_VARIABLES):
+        return 1
+    return int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
+
+
+def run(fn: Callable[[], object], config=None, interrupted: str = "interrupted") -> None:
     """Run an entry point's body. A UserError becomes one line and its exit status (2 for bad
     input, 1 for a run that cannot go on); so does a full disk, wherever a write hit it.
+    Ctrl-C is one line and exit status 130: `interrupted`, at once (errors.exit_interrupted),
+    unless the training loop took SIGINT over to save first (errors.Interrupted says what).
     `config`, where the entry point has one, sets the runtime up for it (CPU devices)."""
+    previous = None
+    usable = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # a background job's is
+    if usable and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(
+            signal.SIGINT, functools.partial(errors.exit_interrupted, interrupted)
+        )
     try:
         setup_runtime(config)
         fn()
     except UserError as e:
         _fail(_first_line(e), e.exit_status)
+    except errors.Interrupted as e:
+        print(_first_line(e), file=sys.stderr)
+        sys.exit(e.exit_status)
     except Exception as e:
         if not errors.is_disk_full(e):
             raise
         _fail(f"disk full: {_first_line(e)}", errors.RunFailure.exit_status)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _first_line(error: BaseException) -> str:

@@ -78,8 +78,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.half_precision = ml_collections.config_dict.placeholder(bool)
 
     # --- Parallelism -------------------------------------------------------------------------
-    # The mesh is (data, model). model=2 splits AlexNet's towers over devices; data=-1 uses
-    # every remaining device.
+    # The mesh is (data, model). model=2 splits AlexNet's towers over devices; 0 chooses per
+    # machine: a device per tower where the device count and batch allow, else 1, and the
+    # run says which (configs/alexnet.py). data=-1 uses every remaining device.
     c.mesh_data = -1
     c.mesh_model = 1
     # CPU-only runs: how many XLA devices the cores are split into (the mesh's devices).

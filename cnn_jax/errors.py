@@ -1,7 +1,10 @@
 """The exception types for failures a user can act on. cnn_jax.cli prints their message as one
 line (`error: ...`) on stderr and exits with their `exit_status`, never with a traceback."""
 
+import contextlib
 import errno
+import os
+import sys
 
 
 class UserError(Exception):
@@ -16,6 +19,29 @@ class RunFailure(UserError):
     checkpoint in the workdir restores. Exit status 1; what was saved before stays usable."""
 
     exit_status = 1
+
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) stopped the run. Its message, one line without "error:" (the user asked
+    for it), says what was saved and how to go on; exit status 130, as a shell reports SIGINT."""
+
+    exit_status = 130
+
+
+def exit_interrupted(message: str, *signal_args) -> None:
+    """A SIGINT handler (bind `message` with functools.partial): print `message` and end the
+    process now, wherever the main thread is. Used where Ctrl-C has nothing to save (before
+    training, or a second Ctrl-C while the first one's save is written). A KeyboardInterrupt
+    instead can be lost (raised inside a garbage-collector callback, Python only reports it)
+    or end in a crash as the interpreter shuts down around XLA's and tf.data's threads. Nothing
+    is left half-written: checkpoints and config.json are written under temporary names and
+    renamed, and the kernel releases the workdir's lock."""
+    del signal_args
+    for stream in (sys.stdout, sys.stderr):  # what was printed so far
+        with contextlib.suppress(OSError, RuntimeError, ValueError):  # the main thread may be
+            stream.flush()  # inside a write to the same stream (a reentrant call)
+    os.write(2, (message + "\n").encode())  # unbuffered: safe whatever stderr was doing
+    os._exit(Interrupted.exit_status)
 
 
 # Where a write fails for lack of space: Python's OSError, or TensorStore (Orbax's array

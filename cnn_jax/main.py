@@ -12,16 +12,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    from cnn_jax import train  # after flag parsing: --help stays fast
-
     def body():
         if len(argv) > 1:
             raise UserError(
                 f"unexpected arguments: {' '.join(argv[1:])} (options are --flag=value)"
             )
+        from cnn_jax import train  # after flag parsing (--help stays fast), in cli.run
+
         train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
-    cli.run(body, flags.FLAGS.config)
+    # Ctrl-C while JAX and TensorFlow load; from the workdir's lock on, train says it.
+    config = flags.FLAGS.config
+    early = ("interrupted; the evaluation wrote nothing" if config.eval_only
+             else "interrupted before training started; nothing was saved")  # fmt: skip
+    cli.run(body, config, early)
 
 
 if __name__ == "__main__":

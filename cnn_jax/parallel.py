@@ -24,11 +24,33 @@ MODEL_AXIS = "model"
 MESH_AXES = (DATA_AXIS, MODEL_AXIS)
 
 
+# config.mesh_model = AUTO_MODEL_AXIS: the model axis is chosen per machine (auto_model_axis).
+AUTO_MODEL_AXIS = 0
+
+
+def auto_model_axis(
+    towers: int, *, num_devices: int, batch_size: int, mesh_data: int = -1, process_count: int = 1
+) -> int:
+    """The model axis an automatic mesh gets for a model of `towers` towers: one device per
+    tower (the paper's split of AlexNet over two GPUs) wherever the devices form whole tower
+    groups that split the batch and the processes evenly; otherwise 1, every device running
+    all the towers. Either gives the same parameters and, up to float rounding, the same
+    numbers (tests/test_towers.py)."""
+    if towers > 1 and num_devices % towers == 0:
+        data = num_devices // towers
+        fits = mesh_data in (-1, data) and batch_size % data == 0 and data % process_count == 0
+        if fits:
+            return towers
+    return 1
+
+
 def mesh_shape(config, num_devices: int) -> tuple[int, int]:
-    """(data, model) sizes from the config; raises UserError if they do not fit the devices."""
+    """(data, model) sizes from the config; raises UserError if they do not fit the devices.
+    An automatic model axis (mesh_model=0) must have been resolved first
+    (cnn_jax.models.resolve_mesh_model)."""
     model = config.mesh_model
     if model < 1:
-        raise UserError(f"--config.mesh_model={model} must be >= 1")
+        raise UserError(f"--config.mesh_model={model} must be >= 1 (or 0: chosen per machine)")
     data = config.mesh_data if config.mesh_data != -1 else num_devices // model
     if data < 1 or data * model != num_devices:
         raise UserError(

@@ -3,10 +3,13 @@ event files. Only process 0 writes; the others' calls are no-ops."""
 
 import json
 import os
+import sys
 
 import jax
 import tensorflow as tf
 import tqdm
+
+METRICS_FILE = "metrics.jsonl"
 
 
 class Reporter:
@@ -14,7 +17,11 @@ class Reporter:
         self._active = jax.process_index() == 0
         if not self._active:
             return
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        path = os.path.join(workdir, METRICS_FILE)
+        torn = _ends_mid_line(path)  # a write cut short (power cut): keep the next record whole
+        self._jsonl = open(path, "a")  # noqa: SIM115
+        if torn:
+            self._jsonl.write("\n")
         self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
         self._bar = tqdm.tqdm(
             total=total_steps,
@@ -52,21 +59,67 @@ class Reporter:
         if self._active:
             tqdm.tqdm.write(text)
 
-    def close(self) -> None:
-        if self._active:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        self.close(failed=kind is not None)
+        return False
+
+    def close(self, failed: bool = False) -> None:
+        """After a failure the bar is erased rather than left showing the steps it counted
+        (it advances before a step's metrics are checked, so it could read 100%)."""
+        if self._active and not self._jsonl.closed:
+            self._bar.leave = not failed
             self._bar.close()
             self._jsonl.close()
             self._tb.close()
 
 
-def last_record(workdir: str, split: str) -> dict | None:
-    path = os.path.join(workdir, "metrics.jsonl")
+def _ends_mid_line(path: str) -> bool:
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The records of WORKDIR/metrics.jsonl (none if it is missing). The one reader of that
+    file: a line that is not a record (cut short by a power cut, edited by hand) is skipped,
+    and one warning names the file and the lines."""
+    path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
-        return None
-    found = None
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("split") == split:
-                found = record
-    return found
+        return []
+    records, skipped = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if _is_record(record):
+                records.append(record)
+            else:
+                skipped.append(number)
+    if skipped and jax.process_index() == 0:
+        numbers = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+        which = (
+            f"line {numbers}, which is not a metrics record"
+            if len(skipped) == 1
+            else f"{len(skipped)} lines ({numbers}), which are not metrics records"
+        )
+        print(f"warning: {path}: skipped {which} (a write cut short, or an edit)", file=sys.stderr)
+    return records
+
+
+def _is_record(record) -> bool:
+    return (isinstance(record, dict) and isinstance(record.get("step"), int)
+            and isinstance(record.get("split"), str))  # fmt: skip
+
+
+def last_record(workdir: str, split: str) -> dict | None:
+    found = [r for r in read_metrics(workdir) if r["split"] == split]
+    return found[-1] if found else None

@@ -79,14 +79,15 @@ def _first_array(tree):
 
 def summarize(config: ml_collections.ConfigDict) -> Summary:
     """The per-layer summary of config's model at config.image_size, batch of one image."""
-    from cnn_jax.data import datasets  # TFDS: imported only when a summary is made
+    from cnn_jax.data import datasets, pipeline  # TFDS: imported only when a summary is made
 
     validation.check_model(config)
     datasets.dataset_spec(config)  # unknown dataset
     config = config.copy_and_resolve_references()
     datasets.resolve_dataset_fields(config)  # num_classes of a real dataset
+    validation.check_num_classes(config)  # LeNet-5's RBF head takes ten
     model = models.build_model(config)
-    image_shape = (config.image_size, config.image_size, datasets.num_channels(config))
+    image_shape = (config.image_size, config.image_size, pipeline.input_channels(config))
 
     rows: list[Row] = []
     stack: list[dict] = []  # module calls in progress, innermost last

@@ -24,11 +24,13 @@ from jax.sharding import PartitionSpec as P
 from cnn_jax import (
     checkpoint,
     divergence,
+    errors,
     evaluate,
     losses,
     models,
     optim,
     parallel,
+    paths,
     reporting,
     validation,
     warm_start,
@@ -164,10 +166,15 @@ class Trainer:
     """Everything a run builds once from its config: mesh, model, optimiser, compiled steps."""
 
     def __init__(self, config: ml_collections.ConfigDict):
+        paths.expand_config_paths(config)  # `~` in data_dir, manual_dir, warm_start_from
         models.resolve_half_precision(config)
+        mesh_notice = models.resolve_mesh_model(config, jax.device_count(), jax.process_count())
         validation.check_config(config, jax.device_count(), jax.process_count())
         datasets.resolve_dataset_fields(config)
+        validation.check_num_classes(config)  # an image folder's count is known only now
         self.config = config
+        if mesh_notice and jax.process_index() == 0:
+            print(mesh_notice)
         self.mesh = parallel.make_mesh(config)
         self.model = models.build_model(config)
         self.steps_per_epoch = pipeline.steps_per_epoch(config)
@@ -177,8 +184,11 @@ class Trainer:
             )
         self.total_steps = total_train_steps(config, self.steps_per_epoch)
         self.tx = optim.make_optimizer(config, self.steps_per_epoch, self.total_steps)
-        channels = datasets.num_channels(config)
+        channels = pipeline.input_channels(config)
         self.input_shape = (1, config.image_size, config.image_size, channels)
+        channel_note = pipeline.channel_note(config)  # grey -> RGB, RGB -> luminance
+        if channel_note and jax.process_index() == 0:
+            print(channel_note)
 
     def init_state(self) -> TrainState:
         return create_train_state(self.config, self.model, self.tx, self.mesh, self.input_shape)
@@ -238,21 +248,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """Train per config into workdir, resuming from its newest good checkpoint if it has one.
 
     A rerun of the same command after a kill continues to the same final parameters; SIGTERM
-    saves the current step and returns; a NaN/Inf stops the run without saving it
-    (cnn_jax.checkpoint, cnn_jax.divergence; README "Resuming and failures").
+    saves the current step and returns; Ctrl-C saves it too and raises errors.Interrupted
+    (exit status 130); a NaN/Inf stops the run without saving it (cnn_jax.checkpoint,
+    cnn_jax.divergence; README "Resuming and failures"). The workdir is locked for the whole
+    run: a second run on it is refused (cnn_jax.paths).
     """
-    trainer = Trainer(config)
-    os.makedirs(workdir, exist_ok=True)
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.keep_checkpoints
-    )
-    try:
-        _check_same_run(config, ckpt, workdir)  # before anything compiles
-        if config.eval_only:  # evaluate the latest checkpoint, write the results, stop
-            return evaluate.evaluate_checkpoint(trainer, ckpt, workdir)
-        return _train(trainer, ckpt, workdir)
-    finally:
-        ckpt.close()  # waits for a save in flight: the last good checkpoint lands whole
+    with paths.locked_workdir(workdir) as workdir:  # before anything compiles
+        trainer = Trainer(config)
+        ckpt = checkpoint.Checkpointer(
+            os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.keep_checkpoints
+        )
+        try:
+            _check_same_run(config, ckpt, workdir)  # before anything compiles
+            if config.eval_only:  # evaluate the latest checkpoint, write the results, stop
+                return evaluate.evaluate_checkpoint(trainer, ckpt, workdir)
+            return _train(trainer, ckpt, workdir)
+        finally:
+            ckpt.close()  # waits for a save in flight: the last good checkpoint lands whole
 
 
 def _check_same_run(config, ckpt: checkpoint.Checkpointer, workdir: str) -> None:
@@ -291,10 +303,14 @@ def _train(trainer: Trainer, ckpt: checkpoint.Checkpointer, workdir: str) -> Tra
     pending: list[dict] = []
     window_start, window_steps = time.perf_counter(), 0
     last_saved = None if restored is None else start_step
-
-    with checkpoint.StopSignal() as stop:
+    # Ctrl-C before the first step is done (compiling it, filling the shuffle buffer) ends the
+    # run at once (cnn_jax.cli); from then on it saves the current step first (StopSignal).
+    # The reporter closes its progress bar on the way out, before any error line is printed.
+    with checkpoint.StopSignal() as stop, reporter:
         for step in range(start_step, total):
             state, metrics = trainer.train_step(state, next(batches))
+            if step == start_step:  # compiled and running: Ctrl-C now saves, not aborts
+                stop.catch_interrupts()
             pending.append(metrics)
             window_steps += 1
             done = step + 1
@@ -328,7 +344,7 @@ def _train(trainer: Trainer, ckpt: checkpoint.Checkpointer, workdir: str) -> Tra
                     )
                 window_start = time.perf_counter()  # evaluation time is not training throughput
 
-            stopping = stop.requested(done)  # SIGTERM: save this step and return
+            stopping = stop.requested(done)  # SIGTERM or Ctrl-C: save this step and stop
             if done % config.checkpoint_every_steps == 0 or done == total or stopping:
                 # A checkpoint never holds a non-finite state (cnn_jax.divergence).
                 divergence.check_metrics(jax.device_get(pending), done - len(pending), last_saved)
@@ -337,12 +353,17 @@ def _train(trainer: Trainer, ckpt: checkpoint.Checkpointer, workdir: str) -> Tra
                 last_saved = done
             if stopping:
                 ckpt.wait()
-                reporter.message(
-                    f"Stopped by SIGTERM at step {done} of {total}; its checkpoint is saved: "
-                    "rerun the same command to continue"
-                )
+                if stop.reason == "SIGTERM":
+                    reporter.message(
+                        f"Stopped by SIGTERM at step {done} of {total}; its checkpoint is "
+                        "saved: rerun the same command to continue"
+                    )
                 break
+        ckpt.wait()
 
-    ckpt.wait()
-    reporter.close()
+    if stop.reason == "Ctrl-C":
+        raise errors.Interrupted(
+            f"interrupted (Ctrl-C) at step {done} of {total}; its checkpoint is saved: rerun "
+            "the same command to continue"
+        )
     return state

@@ -5,10 +5,12 @@ allowed; main prints it and exits 2.
 """
 
 import inspect
+import itertools
 import json
+import math
 import os
 
-from cnn_jax import losses, models, parallel
+from cnn_jax import losses, models, parallel, paths
 from cnn_jax.data import datasets, image_folder, preprocess
 from cnn_jax.errors import UserError
 from cnn_jax.models import vgg
@@ -63,17 +65,7 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
     _choice(config, "preprocess", tuple(preprocess.PREPROCESSORS))
     for field, allowed in CHOICES.items():
         _choice(config, field, allowed)
-    _positive(config, "batch_size", "image_size", "learning_rate", "log_every_steps",
-              "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs")  # fmt: skip
-    if config.num_train_steps <= 0:
-        _positive(config, "num_epochs")
-    if config.dataset == "synthetic":
-        _positive(config, "synthetic_train_size", "synthetic_eval_size", "num_classes",
-                  "synthetic_channels")  # fmt: skip
-    if not 0.0 <= config.dropout_rate < 1.0:
-        raise UserError(f"--config.dropout_rate={config.dropout_rate} must be in [0, 1)")
-    if config.weight_decay < 0 or not 0.0 <= config.momentum < 1.0:
-        raise UserError("--config.weight_decay must be >= 0 and --config.momentum in [0, 1)")
+    _check_numbers(config)
     _check_augmentation_and_eval(config)
 
     data, _ = parallel.mesh_shape(config, num_devices)
@@ -94,16 +86,74 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
             f"--config.batch_size={config.batch_size} is not divisible by the "
             f"{process_count} processes"
         )
-    if config.data_dir and not os.path.isdir(config.data_dir):
-        raise UserError(f"--config.data_dir={config.data_dir} does not exist")
+    if config.data_dir:
+        paths.existing_directory(config.data_dir, "--config.data_dir")
+    if config.manual_dir and os.path.isfile(config.manual_dir):  # a missing one: data/ says
+        raise UserError(f"--config.manual_dir={config.manual_dir} is a file, not a directory")
     _check_image_folder_has_images(config)
     if config.warm_start_from and config.model != "vgg":
         raise UserError(
             f"--config.warm_start_from is VGG's warm start from a trained A (Sec. 3.1): it "
             f"needs --config.model=vgg, not {config.model!r}"
         )
-    if config.warm_start_from and not os.path.isdir(config.warm_start_from):
-        raise UserError(f"--config.warm_start_from={config.warm_start_from} does not exist")
+    if config.warm_start_from:
+        paths.existing_directory(config.warm_start_from, "--config.warm_start_from")
+
+
+def _check_numbers(config) -> None:
+    """Every number in its range; a float also finite (`1e999` parses as inf)."""
+    for field, value in config.items():
+        if any(isinstance(v, float) and not math.isfinite(v) for v in _values(value)):
+            raise UserError(f"--config.{field}={value} must be a finite number")
+    _positive(config, "batch_size", "image_size", "learning_rate", "log_every_steps",
+              "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs", "step_factor",
+              "lenet_map_j")  # fmt: skip
+    if config.num_train_steps <= 0:
+        _positive(config, "num_epochs")
+    if config.dataset == "synthetic":
+        _positive(config, "synthetic_train_size", "synthetic_eval_size", "synthetic_channels")
+        check_num_classes(config)
+    for field in ("dropout_rate", "momentum"):
+        if not 0.0 <= config[field] < 1.0:
+            raise UserError(f"--config.{field}={config[field]} must be in [0, 1)")
+    for field, least in (("weight_decay", 0), ("warmup_epochs", 0), ("plateau_min_delta", 0),
+                         ("plateau_max_drops", 0), ("plateau_patience", 1),
+                         ("shuffle_buffer", 0)):  # fmt: skip
+        if not config[field] >= least:
+            raise UserError(f"--config.{field}={config[field]} must be >= {least}")
+    epochs = tuple(config.step_epochs)
+    if any(e < 0 for e in epochs) or any(a >= b for a, b in itertools.pairwise(epochs)):
+        raise UserError(
+            f"--config.step_epochs={epochs} must be non-negative and increasing (the epochs "
+            "at which the learning rate is multiplied by step_factor)"
+        )
+    if not -(2**63) <= config.seed < 2**63:  # jax.random.key takes a 64-bit integer
+        raise UserError(f"--config.seed={config.seed} must fit in 64 bits (|seed| < 2**63)")
+
+
+def _values(value) -> tuple:
+    return tuple(value) if isinstance(value, tuple | list) else (value,)
+
+
+def check_num_classes(config) -> None:
+    """The class count the model gets: at least 2, and LeNet-5's ten digits for its RBF head.
+    Called again once a dataset's own count is known (an image folder's class folders)."""
+    count = config.num_classes
+    where = {
+        "synthetic": f"--config.num_classes={count}",
+        "image_folder": f"--config.manual_dir={config.manual_dir} holds {count} class folder(s)",
+    }.get(config.dataset, f"--config.dataset={config.dataset} has {count} classes")
+    if count < 2:
+        raise UserError(
+            f"{where}: a classifier needs at least 2 classes (with 1, every prediction is "
+            "right whatever the model learns)"
+        )
+    if config.model == "lenet5" and count != 10:
+        raise UserError(
+            f"{where}: LeNet-5's RBF output has one fixed prototype per digit, so it takes "
+            "exactly 10 classes; --config=configs/lenet.py:modern (a softmax head) takes any "
+            "number"
+        )
 
 
 def _check_model_axis(config, process_count: int) -> None:
@@ -128,10 +178,14 @@ def _check_model_axis(config, process_count: int) -> None:
 def _check_augmentation_and_eval(config) -> None:
     """The per-paper preprocessing and evaluation modes (cnn_jax.data.preprocess, evaluate)."""
     crop = preprocess.PAPER_CROP
-    if config.preprocess in ("alexnet", "vgg") and datasets.num_channels(config) != 3:
+    # Grey and RGB images are converted to the channels the op needs (preprocess.INPUT_CHANNELS);
+    # only synthetic data can have other counts.
+    have, convertible = datasets.num_channels(config), preprocess.CONVERTIBLE_CHANNELS
+    if preprocess.INPUT_CHANNELS[config.preprocess] is not None and have not in convertible:
         raise UserError(
-            f"--config.preprocess={config.preprocess} shifts RGB colours: dataset "
-            f"{config.dataset!r} has {datasets.num_channels(config)} channel(s), it needs 3"
+            f"--config.preprocess={config.preprocess} takes images with "
+            f"{' or '.join(map(str, convertible))} channels (dataset {config.dataset!r} has "
+            f"{have}); use --config.preprocess=scale_to_unit for other counts"
         )
     if config.pca_lighting_std < 0:
         raise UserError(f"--config.pca_lighting_std={config.pca_lighting_std} must be >= 0")
@@ -206,7 +260,8 @@ def _check_image_folder_has_images(config) -> None:
         walk = os.walk(os.path.join(root, split))
         return sum(f.lower().endswith(image_folder.IMAGE_EXTENSIONS) for *_, fs in walk for f in fs)
 
-    splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    splits = sorted(d for d in os.listdir(root)
+                    if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))  # fmt: skip
     empty = [s for s in splits if not images(s)]
     if "train" not in splits or empty:
         where = ", ".join(os.path.join(root, s) for s in empty) or os.path.join(root, "train")
@@ -221,3 +276,4 @@ def _check_image_folder_has_images(config) -> None:
             f"--config.manual_dir={root} has no {' / '.join(image_folder.EVAL_SPLIT_NAMES)} "
             f"split to evaluate on (found: {', '.join(splits)}); expected ROOT/SPLIT/CLASS/*.jpg"
         )
+    image_folder.check_eval_classes(root)

@@ -27,12 +27,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
-from cnn_jax import cli, models
+from cnn_jax import checkpoint, cli, models, paths, reporting
 from cnn_jax.data import datasets, preprocess
-from cnn_jax.errors import UserError
+from cnn_jax.errors import RunFailure, UserError
 
 CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
 DPI = 100  # small files: the pictures go into the README
 
 
@@ -40,16 +39,18 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise UserError(f"--workdir={workdir} has no {CONFIG_FILE}: is it a cnn_jax run?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict) or "model" not in saved:
+            raise ValueError("not a run's config: no 'model' field")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({e}): is it a cnn_jax run's config?") from e
+    return ml_collections.ConfigDict(saved)
 
 
 def load_metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return reporting.read_metrics(workdir)  # skips, and names, lines that are not records
 
 
 def restore_params(workdir: str) -> tuple[int, dict]:
@@ -68,11 +69,18 @@ def restore_params(workdir: str) -> tuple[int, dict]:
         # Abstract arrays on one local device instead of the saved mesh's shardings, so a
         # checkpoint from 8 devices (or a TPU slice) opens on a laptop.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-            reader.metadata(path).item_metadata,
-        )
-        state = reader.restore(path, abstract)
+        checkpoint.hide_abandoned_read_reports()  # of a restore that fails: our line says it
+        try:
+            abstract = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                reader.metadata(path).item_metadata,
+            )
+            state = reader.restore(path, abstract)
+        except Exception as e:  # Orbax/TensorStore: a truncated or missing file
+            raise RunFailure(
+                f"the latest checkpoint (step {step}) in {directory} does not restore: "
+                f"{checkpoint.innermost_message(e)}"
+            ) from e
     return step, jax.device_get(state["params"])
 
 
@@ -210,9 +218,15 @@ def plot_lenet_feature_maps(config, params, path: str) -> None:
 
 def write_pictures(workdir: str, out: str | None = None) -> list[str]:
     """Every picture that applies to the run in workdir; returns their paths."""
-    out = out or workdir
-    os.makedirs(out, exist_ok=True)
+    workdir = paths.existing_directory(workdir, "--workdir")
     config = load_config(workdir)
+    if out is not None:
+        out = paths.writable_directory(out, "--out")
+    else:
+        try:
+            out = paths.writable_directory(workdir, "--workdir")
+        except UserError as e:  # a finished run on a read-only share, say
+            raise UserError(f"{e}: give --out=DIR for the pictures") from None
     written = []
     records = load_metrics(workdir)
     if records:
@@ -232,8 +246,14 @@ def write_pictures(workdir: str, out: str | None = None) -> list[str]:
     return written
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as from every cnn_jax command (argparse adds usage)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m cnn_jax.visualize",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -243,8 +263,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     def draw():
-        if not os.path.isdir(args.workdir):
-            raise UserError(f"--workdir={args.workdir} does not exist")
         for path in write_pictures(args.workdir, args.out):
             print(path)
 

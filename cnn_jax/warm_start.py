@@ -20,7 +20,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cnn_jax.errors import UserError
+from cnn_jax import checkpoint
+from cnn_jax.errors import RunFailure, UserError
 
 # (parent module, layer) of every layer copied from A; names as in cnn_jax.models.vgg.
 WARM_START_LAYERS: tuple[tuple[str, str], ...] = (
@@ -97,7 +98,10 @@ def load_layers(path: str, like: dict) -> dict:
         step = manager.latest_step()
         if step is None:
             raise UserError(f"--config.warm_start_from={path}: no checkpoint in {directory}")
-        saved = manager.item_metadata(step)["state"].tree
+        try:
+            saved = manager.item_metadata(step)["state"].tree
+        except Exception as e:  # Orbax: a missing or unreadable metadata file
+            raise _unreadable(path, directory, step, e) from e
         wanted: dict = {}
         for where in _copied_paths(like):
             collection, parent, name = where
@@ -111,17 +115,28 @@ def load_layers(path: str, like: dict) -> dict:
         if not wanted:
             return {}
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), wanted)
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=wanted, restore_args=restore_args, partial_restore=True
-                )
-            ),
-        )
+        checkpoint.hide_abandoned_read_reports()  # of a restore that fails: our line says it
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=wanted, restore_args=restore_args, partial_restore=True
+                    )
+                ),
+            )
+        except Exception as e:  # Orbax/TensorStore: a truncated or missing array file
+            raise _unreadable(path, directory, step, e) from e
         return dict(restored["state"])
     finally:
         manager.close()
+
+
+def _unreadable(path: str, directory: str, step: int, error: Exception) -> RunFailure:
+    return RunFailure(
+        f"--config.warm_start_from={path}: the checkpoint of step {step} in {directory} does "
+        f"not restore: {checkpoint.innermost_message(error)}"
+    )
 
 
 @contextlib.contextmanager

@@ -4,9 +4,11 @@
         --config.manual_dir=DIR_WITH_ILSVRC2012_TARS
     python -m cnn_jax.main --config=configs/alexnet.py:single_tower --workdir=runs/alexnet1
 
-The mesh's model axis is 2: the two towers run on two devices each (as on the paper's two
-GTX 580s) and the other devices split the batch. With one device, or an odd number, add
---config.mesh_model=1 (each device then runs both towers). A quick CPU run on synthetic data,
+The mesh's model axis is chosen per machine (mesh_model=0): on an even number of devices the
+two towers run on two devices each (as on the paper's two GTX 580s) and the other devices
+split the batch; on one device (a laptop's CPU, one GPU) or an odd number each device runs
+both towers. The run prints one line saying which; --config.mesh_model=2 insists on the
+split, --config.mesh_model=1 on one device per tower pair. A quick CPU run on synthetic data,
 8 emulated devices as a 4x2 mesh, a few seconds a step:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m cnn_jax.main \\
@@ -19,9 +21,8 @@ rate 0.01 divided by 10 when the validation error stopped improving (three times
 epochs; dropout 0.5 (Sec. 4.2); 224x224 patches with mirroring and PCA colour shifts (Sec. 4.1).
 """
 
-from cnn_jax import defaults
+from cnn_jax import defaults, parallel
 from cnn_jax.errors import UserError
-from cnn_jax.models import alexnet
 
 # The argument after the file name (--config=configs/alexnet.py:single_tower) -> model.
 ARGS = {
@@ -37,7 +38,7 @@ def get_config(arg=None):
     if arg not in ARGS:
         raise UserError(f"configs/alexnet.py takes two_tower or single_tower, not {arg!r}")
     c.model = ARGS[arg]
-    c.mesh_model = alexnet.TOWERS if c.model == "alexnet" else 1
+    c.mesh_model = parallel.AUTO_MODEL_AXIS  # the towers' split, where the devices allow it
     c.dataset = "imagenet2012"
     c.num_classes = 1000
     c.image_size = 224

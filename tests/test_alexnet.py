@@ -253,10 +253,47 @@ def _load_config(arg=None):
 
 def test_config_is_the_papers_recipe():
     c = _load_config()
-    assert (c.model, c.mesh_model, c.image_size, c.dataset) == ("alexnet", 2, 224, "imagenet2012")
+    # mesh_model 0: the towers' split is chosen per machine (test_the_mesh_is_chosen_per_machine)
+    assert (c.model, c.mesh_model, c.image_size, c.dataset) == ("alexnet", 0, 224, "imagenet2012")
     assert (c.optimizer, c.momentum, c.weight_decay, c.batch_size) == ("sgd", 0.9, 5e-4, 128)
     assert (c.learning_rate, c.lr_schedule, c.num_epochs, c.dropout_rate) == (
         0.01, "plateau", 90.0, 0.5)  # fmt: skip
     assert c.preprocess == "alexnet"
     single = _load_config("single_tower")
-    assert (single.model, single.mesh_model) == ("alexnet_single_tower", 1)
+    assert single.model == "alexnet_single_tower"
+    assert models.resolve_mesh_model(single, 8) is None and single.mesh_model == 1
+
+
+@pytest.mark.parametrize(
+    "devices, batch, processes, axis, says",
+    [
+        (8, 8, 1, 2, "2 towers on separate devices, the paper's split (data=4 x model=2)"),
+        (2, 8, 1, 2, "(data=1 x model=2)"),
+        (1, 8, 1, 1, "together on each of the 1 device(s) (data=1 x model=1)"),  # laptop, GPU
+        (3, 9, 1, 1, "(data=3 x model=1)"),  # an odd device count
+        (8, 6, 1, 1, "(data=8 x model=1)"),  # 4 data shards cannot split 6 images
+        (2, 8, 2, 1, "(data=2 x model=1)"),  # 2 processes of 1 device: a tower pair each
+    ],
+)
+def test_the_mesh_is_chosen_per_machine(devices, batch, processes, axis, says):
+    """configs/alexnet.py leaves the model axis to the machine (mesh_model=0): a device per
+    tower where the devices hold whole tower pairs that split the batch and processes, else
+    every device runs both towers; one line says which."""
+    c = _load_config()
+    c.batch_size = batch
+    notice = models.resolve_mesh_model(c, devices, processes)
+    assert c.mesh_model == axis
+    assert says in notice and "\n" not in notice
+    assert (models.build_model(c).tower_axis == "model") == (axis == 2)
+
+
+def test_a_mesh_the_user_chose_is_kept_or_refused():
+    c = _config(mesh_model=2)
+    assert models.resolve_mesh_model(c, 1) is None and c.mesh_model == 2
+    with pytest.raises(UserError, match="does not fit the 1 available devices"):
+        validation.check_config(c, num_devices=1)
+    lenet = defaults.get_default_config()
+    lenet.mesh_model = 0
+    assert models.resolve_mesh_model(lenet, 8) is None and lenet.mesh_model == 1  # no towers
+    with pytest.raises(UserError, match=r"--config.mesh_model=-1 must be >= 1 \(or 0"):
+        validation.check_config(_config(mesh_model=-1), num_devices=8)

@@ -3,6 +3,7 @@ numbers (no timing assertions: the machine is shared)."""
 
 import importlib.util
 import math
+import os
 
 import pytest
 
@@ -43,7 +44,8 @@ def result():
 
 def test_fields_are_present_and_positive(result):
     for field in ("images_per_sec", "step_ms", "compile_s", "flops_per_image",
-                  "achieved_flops_per_sec", "input_images_per_sec"):  # fmt: skip
+                  "achieved_flops_per_sec", "input_images_per_sec",
+                  "input_images_per_cpu_sec"):  # fmt: skip
         assert math.isfinite(result[field]) and result[field] > 0, field
     assert result["device_count"] == 8 and result["backend"] == "cpu"
     assert result["device_kind"] and result["timed_steps"] == 4
@@ -92,3 +94,29 @@ def test_cpu_cores_become_devices_that_divide_the_batch(monkeypatch):
     assert cli._cores_dividing(batch_size=96, model_axis=1) == 6
     assert cli._cores_dividing(batch_size=32, model_axis=2) == 4  # data 2 x model 2
     assert cli._cores_dividing(batch_size=7, model_axis=1) == 1
+
+
+def test_without_input_steps_the_data_is_never_opened(tmp_path):
+    """--input_steps=0 times the model alone: a config whose dataset is not on this machine
+    (ImageNet, or MNIST with no network) still runs, on synthetic examples of its shape,
+    and leaves no dataset folders behind."""
+    c = _tiny_config()
+    c.dataset, c.data_dir = "mnist", str(tmp_path)
+    result = benchmark.run(c, steps=1, warmup=0, input_steps=0)
+    assert result["dataset"] == "synthetic" and result["images_per_sec"] > 0
+    assert result["input_images_per_sec"] is None and result["input_images_per_cpu_sec"] is None
+    assert os.listdir(tmp_path) == []
+    imagenet = benchmark.without_dataset(_load_config("alexnet.py"))
+    assert (imagenet.dataset, imagenet.synthetic_channels, imagenet.num_classes) == (
+        "synthetic", 3, 1000)  # fmt: skip
+    mnist = benchmark.without_dataset(_load_config("lenet.py"))
+    assert (mnist.synthetic_channels, mnist.num_classes) == (1, 10)
+    assert mnist.synthetic_train_size >= mnist.batch_size
+
+
+def _load_config(name):
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", name)
+    spec = importlib.util.spec_from_file_location("_bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

@@ -196,7 +196,7 @@ def test_lenet_preprocessing_of_images_known_only_at_run_time():
     ds = tf.data.Dataset.from_generator(lambda: iter(images), output_signature=spec)
     seed = tf.zeros([2], tf.int64)
     large, small = ds.map(lambda im: preprocess.lenet(im, seed, train=False, config=config))
-    assert large.shape == small.shape == (32, 32, 3)
+    assert large.shape == small.shape == (32, 32, 1)  # RGB -> luminance: LeNet-5 reads grey
     np.testing.assert_allclose(large.numpy(), preprocess.LENET_INK, atol=1e-5)  # all ink
     small = small.numpy()
     np.testing.assert_allclose(small[:2], preprocess.LENET_BACKGROUND, atol=1e-6)  # padding
@@ -332,8 +332,14 @@ def test_eval_modes_are_checked_before_anything_compiles():
         )
     with pytest.raises(UserError, match=r"eval_mode=ten_crop needs --config\.preprocess"):
         validation.check_config(_config(eval_mode="ten_crop"), 8)
-    with pytest.raises(UserError, match=r"preprocess=alexnet.*needs 3"):
-        validation.check_config(_config(preprocess="alexnet", model="lenet5_modern"), 8)
+    with pytest.raises(UserError, match=r"preprocess=alexnet takes images with 1 or 3"):
+        validation.check_config(
+            _config(
+                preprocess="alexnet", model="lenet5_modern", dataset="synthetic",
+                synthetic_channels=2,
+            ),
+            8,
+        )  # fmt: skip
     with pytest.raises(UserError, match="train_scale_min"):
         validation.check_config(
             _config(

@@ -1,18 +1,20 @@
-"""Fault tests (issue 7): kills at the worst moments, SIGTERM, corrupt checkpoints, config
-drift, NaN, a full disk and bad input.
+"""Fault tests (issue 7): kills at the worst moments, SIGTERM, Ctrl-C, corrupt checkpoints,
+config drift, NaN, a full disk, a busy or unusable workdir, a garbled metrics.jsonl and bad
+input.
 
 One tiny run (LeNet-5 modern on synthetic 1-channel 32x32 data, batch 8, 20 steps,
 checkpoints every 5, evaluations every 8 steps driving the plateau policy) is trained
 straight in-process as the reference. The same command then runs as `python -m cnn_jax.main`
-subprocesses that are SIGKILLed mid-save and just before a save's commit, and SIGTERMed; the
-final parameters must equal the reference bit for bit. Faults are injected by running this
-file as a script (see `_inject_fault` at the bottom): the package itself carries no test hooks
-except config.debug_inject_nan_at_step.
+subprocesses that are SIGKILLed mid-save and just before a save's commit, SIGTERMed and
+interrupted; the final parameters must equal the reference bit for bit. Faults are injected
+by running this file as a script (see `_inject_fault` at the bottom): the package itself
+carries no test hooks except config.debug_inject_nan_at_step.
 """
 
 import contextlib
 import errno
 import io
+import itertools
 import os
 import shutil
 import signal
@@ -21,6 +23,7 @@ import sys
 
 import jax
 import numpy as np
+import PIL.Image
 import pytest
 
 # A checkpoint that fails to restore leaves Orbax's other read coroutines unawaited; their
@@ -290,6 +293,236 @@ def test_full_disk_is_one_line(tmp_path, monkeypatch):
     assert err.getvalue() == "error: disk full: [Errno 28] No space left on device\n"
 
 
+def test_ctrl_c_saves_the_step_and_a_rerun_gives_the_uninterrupted_result(reference, tmp_path):
+    from cnn_jax import train
+
+    workdir = str(tmp_path / "ctrl_c")
+    proc = _subprocess(workdir, "sigint_during_step=12")
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == (
+        "interrupted (Ctrl-C) at step 13 of 20; its checkpoint is saved: rerun the same "
+        "command to continue"
+    )
+    assert "Traceback" not in proc.stderr
+    assert _steps(workdir) == [5, 10, 13]
+    final = train.train_and_evaluate(_config(), workdir)
+    _assert_same_state(final, reference[1])
+
+
+def test_a_second_ctrl_c_while_saving_stops_at_once_and_loses_nothing(reference, tmp_path):
+    from cnn_jax import checkpoint, train
+
+    workdir = str(tmp_path / "ctrl_c_twice")
+    proc = _subprocess(workdir, "sigint_again_while_saving=12")
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [checkpoint.AGAIN]
+    assert _steps(workdir)[:2] == [5, 10]  # and 13 only if its save was done: never half
+    final = train.train_and_evaluate(_config(), workdir)
+    _assert_same_state(final, reference[1])
+
+
+def test_ctrl_c_before_training_is_one_line(tmp_path):
+    workdir = str(tmp_path / "early")
+    proc = _subprocess(workdir, "sigint_before_training=0")
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == ["interrupted before training started; nothing was saved"]
+    assert _steps(workdir) == []
+
+
+def test_a_failure_is_the_last_line_after_the_progress_bar(tmp_path):
+    proc = _subprocess(str(tmp_path / "bar"), progress_bar=True, num_train_steps=2,
+                       log_every_steps=2, debug_inject_nan_at_step=1)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "%|" in proc.stderr  # the bar was drawn
+    lines = proc.stderr.splitlines()  # tqdm's carriage returns split lines too
+    assert lines[-1] == (
+        "error: training diverged at step 1: the loss is nan; nothing after it was saved, no "
+        "checkpoint was saved (lower --config.learning_rate if it happens again)"
+    )
+    assert [line for line in lines if "error:" in line] == [lines[-1]]
+
+
+def test_recovery_from_a_corrupt_checkpoint_prints_only_its_warnings(interrupted, tmp_path):
+    """A real process, where Orbax's abandoned reads of the corrupt checkpoint would print
+    their tracebacks; the fault keeps every read that succeeds pending when one fails."""
+    workdir = str(tmp_path / "corrupt_quietly")
+    shutil.copytree(interrupted[2], workdir)
+    biggest = _array_files(workdir, 18)[-1]
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 3)
+    proc = _subprocess(workdir, "slow_reads=1", num_train_steps=16)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 3, proc.stderr[:5000]
+    assert lines[0].startswith(f"warning: checkpoint step 18 in {workdir}/checkpoints does not")
+    assert lines[1:] == [
+        f"warning: moved the checkpoint of step 18 to {workdir}/corrupt_checkpoints/18",
+        "warning: resuming from step 15, the newest checkpoint that restores",
+    ]
+
+
+def test_a_garbage_line_in_metrics_is_skipped_with_one_warning(reference, tmp_path):
+    workdir = str(tmp_path / "garbage")
+    shutil.copytree(reference[0], workdir)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    with open(metrics) as f:
+        good = len(f.readlines())
+    with open(metrics, "a") as f:
+        f.write('an edit\n{"step": 21, "split": "ev')  # and a last line cut short
+    status, out, err = run_main(_argv(workdir))
+    assert status == 0, err
+    assert "Training already finished at step 20 in" in out
+    assert '; last eval: {"step": 20, "split": "eval"' in out
+    assert err == (
+        f"warning: {metrics}: skipped 2 lines ({good + 1}, {good + 2}), which are not metrics "
+        "records (a write cut short, or an edit)\n"
+    )
+
+
+# --- The workdir: locked while a run uses it, checked before anything compiles ----------------
+
+_HOLD_LOCK = """
+import sys, time
+from cnn_jax import paths
+paths.acquire_lock(sys.argv[1])
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_busy_workdir_is_refused_and_freed_when_its_holder_is_killed(tmp_path):
+    from cnn_jax import paths
+
+    workdir = str(tmp_path / "busy")
+    os.makedirs(workdir)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, workdir], cwd=REPO, stdout=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONPATH": REPO},
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        status, _, err = run_main(_argv(workdir))
+        assert status == 2
+        assert err == (
+            f"error: --workdir={workdir} is in use by another run (pid {holder.pid}): wait for "
+            "it to finish, or use another --workdir\n"
+        )
+        assert os.listdir(workdir) == [".lock"]  # the refused run wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    assert holder.returncode == -signal.SIGKILL
+    os.close(paths.acquire_lock(workdir))  # the kernel let go of a killed holder's lock
+
+
+@pytest.mark.parametrize("eval_only", [False, True])
+def test_the_lock_is_held_for_the_whole_run_and_released_after(tmp_path, monkeypatch, eval_only):
+    from cnn_jax import evaluate, paths, train
+    from cnn_jax.errors import UserError
+
+    workdir = str(tmp_path / "w")
+    seen = []
+
+    def try_the_lock(trainer, ckpt, where):
+        try:
+            os.close(paths.acquire_lock(where))
+            seen.append("free")
+        except UserError as e:
+            seen.append(str(e))
+
+    monkeypatch.setattr(train, "_train", try_the_lock)  # the run's body, without compiling
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", try_the_lock)
+    status, _, err = run_main(_argv(workdir, eval_only=eval_only))
+    assert status == 0, err
+    assert seen == [
+        f"--workdir={workdir} is in use by another run (pid {os.getpid()}): wait for it to "
+        "finish, or use another --workdir"
+    ]
+    os.close(paths.acquire_lock(workdir))  # released when the run returned
+
+
+@contextlib.contextmanager
+def _no_compiles():
+    compiles = []
+
+    def on_event(event, secs, **kwargs):
+        if "compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        yield
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    assert not compiles
+
+
+def test_unusable_workdirs_are_one_line_before_compiling(tmp_path, monkeypatch):
+    from cnn_jax import paths
+
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    cases = [
+        (str(a_file), f"error: --workdir={a_file} is a file, not a directory"),
+        ("", "error: --workdir= is empty: give the directory to write to"),
+        # What a read-only parent gives too; root writes through permission bits.
+        (f"{a_file}/sub", f"error: --workdir={a_file}/sub cannot be created: Not a directory"),
+    ]
+    # What a run keeps in a workdir, of the other kind.
+    (tmp_path / "file_for_a_folder").mkdir()
+    (tmp_path / "file_for_a_folder" / "checkpoints").write_text("")
+    (tmp_path / "folder_for_a_file" / "metrics.jsonl").mkdir(parents=True)
+    for workdir, name, kind in (
+        (tmp_path / "file_for_a_folder", "checkpoints", "a file, not the directory"),
+        (tmp_path / "folder_for_a_file", "metrics.jsonl", "a directory, not the file"),
+    ):
+        cases.append((str(workdir), f"error: --workdir={workdir}: {workdir}/{name} is {kind} "
+                      "a run keeps there; move it away"))  # fmt: skip
+    if os.geteuid() != 0:
+        read_only = tmp_path / "read_only"
+        read_only.mkdir(mode=0o555)
+        cases.append((str(read_only), f"error: --workdir={read_only} is not writable "
+                      "(Permission denied)"))  # fmt: skip
+    with _no_compiles():
+        for workdir, expected in cases:
+            assert run_main(_argv(workdir))[::2] == (2, expected + "\n")
+
+        # A read-only mount or an immutable folder, which the permission bits do not show:
+        # the probe write fails.
+        def no_write(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(paths.tempfile, "NamedTemporaryFile", no_write)
+        mounted = tmp_path / "mounted"
+        assert run_main(_argv(str(mounted)))[::2] == (
+            2, f"error: --workdir={mounted} is not writable (Read-only file system)\n"
+        )  # fmt: skip
+
+
+def test_tilde_in_the_workdir_and_path_fields_is_the_home_directory(tmp_path, monkeypatch):
+    from cnn_jax import paths, train
+
+    home = tmp_path / "home"
+    (home / "tfds").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)  # where a folder literally named `~` would appear
+    seen = {}
+
+    def record(trainer, ckpt, workdir):
+        seen.update(workdir=workdir, data_dir=trainer.config.data_dir,
+                    manual_dir=trainer.config.manual_dir)  # fmt: skip
+
+    monkeypatch.setattr(train, "_train", record)
+    status, _, err = run_main(_argv("~/run", data_dir="~/tfds", manual_dir="~/images"))
+    assert status == 0, err
+    assert seen == {"workdir": str(home / "run"), "data_dir": str(home / "tfds"),
+                    "manual_dir": str(home / "images")}  # fmt: skip
+    assert (home / "run").is_dir() and not (tmp_path / "~").exists()
+    config = _config(warm_start_from="~/vgg_a")
+    paths.expand_config_paths(config)
+    assert config.warm_start_from == str(home / "vgg_a")
+
+
 # --- Bad input: one line, exit status 2, nothing compiled --------------------------------------
 
 
@@ -299,6 +532,16 @@ def _bad_inputs(tmp_path):
     broken_config = tmp_path / "broken.py"
     broken_config.write_text("def get_config(:\n")
     missing = str(tmp_path / "missing")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    two_classes = tmp_path / "two_classes"  # configs/lenet.py's RBF head takes ten
+    for split, label in itertools.product(("train", "val"), ("cat", "dog")):
+        (two_classes / split / label).mkdir(parents=True)
+        PIL.Image.new("RGB", (36, 44)).save(two_classes / split / label / "0.jpg")
+    lenet_rbf = (
+        "LeNet-5's RBF output has one fixed prototype per digit, so it takes exactly "
+        "10 classes; --config=configs/lenet.py:modern (a softmax head) takes any number"
+    )
     return [  # (changes, the config file or None, expected stderr line)
         ({"model": "lenet7"}, None, "error: unknown model 'lenet7'; choose one of: "),
         ({"dataset": "mnistt"}, None, "error: unknown dataset 'mnistt'; choose one of: "),
@@ -323,6 +566,42 @@ def _bad_inputs(tmp_path):
          "error: could not load the config: SyntaxError: invalid syntax (broken.py, line 1)"),
         ({"no_such_field": 1}, None,
          "error: --config.no_such_field: no such config field (see cnn_jax/defaults.py)"),
+        ({"learning_rate": "inf"}, None,
+         "error: --config.learning_rate=inf must be a finite number"),
+        ({"num_train_steps": -1, "num_epochs": "1e999"}, None,
+         "error: --config.num_epochs=inf must be a finite number"),
+        ({"momentum": "nan"}, None, "error: --config.momentum=nan must be a finite number"),
+        ({"momentum": 1.0}, None, "error: --config.momentum=1.0 must be in [0, 1)"),
+        ({"weight_decay": -1e-4}, None, "error: --config.weight_decay=-0.0001 must be >= 0"),
+        ({"warmup_epochs": -1.0}, None, "error: --config.warmup_epochs=-1.0 must be >= 0"),
+        ({"step_factor": 0.0}, None, "error: --config.step_factor=0.0 must be > 0"),
+        ({"step_epochs": "(20.0,10.0)"}, None,
+         "error: --config.step_epochs=(20.0, 10.0) must be non-negative and increasing"),
+        ({"step_epochs": "(-1.0,)"}, None,
+         "error: --config.step_epochs=(-1.0,) must be non-negative and increasing"),
+        ({"plateau_patience": 0}, None, "error: --config.plateau_patience=0 must be >= 1"),
+        ({"plateau_max_drops": -1}, None, "error: --config.plateau_max_drops=-1 must be >= 0"),
+        ({"plateau_min_delta": -0.1}, None,
+         "error: --config.plateau_min_delta=-0.1 must be >= 0"),
+        ({"shuffle_buffer": -1}, None, "error: --config.shuffle_buffer=-1 must be >= 0"),
+        ({"keep_checkpoints": 0}, None, "error: --config.keep_checkpoints=0 must be > 0"),
+        ({"lenet_map_j": 0.0}, None, "error: --config.lenet_map_j=0.0 must be > 0"),
+        ({"seed": 2**63}, None, f"error: --config.seed={2**63} must fit in 64 bits"),
+        ({"num_classes": 1}, None,
+         "error: --config.num_classes=1: a classifier needs at least 2 classes"),
+        ({"model": "lenet5", "loss": "lenet_map", "num_classes": 3}, None,
+         f"error: --config.num_classes=3: {lenet_rbf}"),
+        ({"dataset": "image_folder", "manual_dir": str(two_classes)}, LENET_CONFIG,
+         f"error: --config.manual_dir={two_classes} holds 2 class folder(s): {lenet_rbf}"),
+        ({}, f"{LENET_CONFIG}:nonsense",
+         "error: configs/lenet.py takes modern, or nothing for the paper's LeNet-5, not "
+         "'nonsense'"),
+        ({"data_dir": str(a_file)}, None,
+         f"error: --config.data_dir={a_file} is a file, not a directory"),
+        ({"dataset": "image_folder", "manual_dir": str(a_file)}, None,
+         f"error: --config.manual_dir={a_file} is a file, not a directory"),
+        ({"model": "vgg", "width_divisor": 16, "warm_start_from": str(a_file)}, None,
+         f"error: --config.warm_start_from={a_file} is a file, not a directory"),
     ]  # fmt: skip
 
 
@@ -397,6 +676,46 @@ def _inject_fault(fault: str) -> None:
                 yield batch
 
         train.Trainer.train_batches = signalled_batches
+    elif name in ("sigint_during_step", "sigint_again_while_saving"):  # Ctrl-C
+        batches = train.Trainer.train_batches
+
+        def interrupted_batches(self, start_step):
+            for at, batch in enumerate(batches(self, start_step), start_step):
+                if at == step:
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield batch
+
+        train.Trainer.train_batches = interrupted_batches
+        if name == "sigint_again_while_saving":  # and once more while that step's save runs
+            save = checkpoint.Checkpointer.save
+
+            def save_then_interrupt(self, at, state):
+                save(self, at, state)
+                if at == step + 1:
+                    os.kill(os.getpid(), signal.SIGINT)
+
+            checkpoint.Checkpointer.save = save_then_interrupt
+    elif name == "sigint_before_training":  # Ctrl-C while the state is initialised
+        init_state = train.Trainer.init_state
+
+        def interrupted_init(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            return init_state(self)
+
+        train.Trainer.init_state = interrupted_init
+    elif name == "slow_reads":  # every read that succeeds is still pending when one fails
+        import asyncio
+
+        from orbax.checkpoint._src.serialization import serialization
+
+        read = serialization._read_shard
+
+        async def slow_read(*args, **kwargs):
+            shard = await read(*args, **kwargs)
+            await asyncio.sleep(step)
+            return shard
+
+        serialization._read_shard = slow_read
     else:
         raise ValueError(fault)
 

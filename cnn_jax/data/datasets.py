@@ -4,7 +4,9 @@ Every dataset yields {'image': uint8 [H, W, C], 'label': int} examples for one s
 restricted to this process's shard (each host of a multi-host job reads only its part).
 """
 
+import contextlib
 import dataclasses
+import io
 import os
 import socket
 
@@ -69,6 +71,8 @@ def dataset_spec(config) -> DatasetSpec:
 
 
 def num_channels(config) -> int:
+    """The dataset's image channels; the model's are pipeline.input_channels (preprocessing
+    converts grey to RGB or RGB to luminance where its op needs it)."""
     spec = dataset_spec(config)
     return config.synthetic_channels if config.dataset == "synthetic" else spec.channels
 
@@ -107,14 +111,37 @@ def prepared_builder(config) -> tfds.core.DatasetBuilder:
             "use --config.dataset=bundled_digits (ships with the package) or synthetic, or point "
             "--config.data_dir at a prepared TFDS copy"
         )
-    if spec.note and not config.manual_dir:
-        raise UserError(f"dataset {config.dataset!r} is not prepared in {where}: {spec.note}")
-    download_config = tfds.download.DownloadConfig(manual_dir=config.manual_dir or None)
+    manual_dir = os.path.expanduser(config.manual_dir)
+    if spec.note and not (os.path.isdir(manual_dir) and os.listdir(manual_dir)):
+        given = f" (--config.manual_dir={manual_dir} is empty or missing)" if manual_dir else ""
+        raise UserError(
+            f"dataset {config.dataset!r} is not prepared in {where}{given}: {spec.note}"
+        )
+    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+    if jax.process_index() == 0:
+        print(f"data: preparing {config.dataset!r} in {where} (once; later runs reuse it)")
+    made = _missing_dirs(where)
     try:
-        builder.download_and_prepare(download_config=download_config)
+        # TFDS prints its own progress bars and banners on stdout; the line above says it.
+        tfds.disable_progress_bar()
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(download_config=download_config)
     except Exception as e:  # any failure to fetch or convert is a data problem, not a bug
-        raise UserError(f"could not prepare dataset {config.dataset!r} in {where}: {e}") from e
+        for path in made:  # leave no empty dataset folders behind that look prepared
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only if empty
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"could not prepare dataset {config.dataset!r} in {where}: {first}") from e
     return builder
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """`path` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while path and not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def num_examples(config, split: str) -> int:

@@ -1,15 +1,20 @@
 """`image_folder`: the user's own images, laid out as ROOT/SPLIT/CLASS/*.{jpg,jpeg,png} and
 found through TFDS's folder builder (`tfds.ImageFolder`), ROOT being --config.manual_dir.
 
-Classes are the sorted class-folder names over all splits. Training reads the `train` split;
-evaluation the first of `validation`, `val`, `test` that exists.
+Classes are the sorted class-folder names of the `train` split: a class folder there without a
+readable image, or a class folder of the evaluation split that train lacks (its images could
+never be predicted right), is a UserError naming it. Training reads the `train` split;
+evaluation the first of `validation`, `val`, `test` that exists. Hidden files and folders
+(names starting with '.': .DS_Store, macOS's ._name.jpg, .ipynb_checkpoints) are ignored.
 
 Bad files. A JPEG that is truncated or is not an image at all would stop a tf.data pipeline
 in the middle of an epoch. So each split is scanned once, when a run first asks for it: every
 file is read and decoded (in parallel, by the same TensorFlow decoder the preprocessing ops
-use), files that fail are counted and reported once with their paths, and the run reads only
-the files that decoded. Examples carry the encoded bytes; the preprocessing op decodes them
-(cnn_jax.data.preprocess.decoded), so a cache holds compressed images.
+use), and the run reads only the files that decoded. Files that cannot be read as images,
+those that fail and those the folder builder does not list (.gif, .webp, .bmp, .txt, ...),
+are counted and reported once with their paths. Examples carry the encoded bytes; the
+preprocessing op decodes them (cnn_jax.data.preprocess.decoded), so a cache holds compressed
+images.
 
 Every process scans the whole split (its counts define steps per epoch for all of them) and
 then reads its own contiguous share.
@@ -28,7 +33,7 @@ import tensorflow_datasets as tfds
 from cnn_jax.errors import UserError
 
 EVAL_SPLIT_NAMES = ("validation", "val", "test")
-# What tfds.ImageFolder lists; anything else in a class folder is ignored, not "bad".
+# What tfds.ImageFolder lists; any other file in a class folder is reported as unreadable.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # A report lists at most this many paths (and says how many more there are).
 MAX_REPORTED_PATHS = 100
@@ -39,8 +44,8 @@ _LAYOUT = "ROOT/SPLIT/CLASS/*.jpg"
 @dataclasses.dataclass(frozen=True)
 class ScannedSplit:
     paths: tuple[str, ...]  # files that decode, in the folder builder's fixed order
-    labels: tuple[int, ...]
-    bad_paths: tuple[str, ...]  # files that do not decode (skipped)
+    labels: tuple[int, ...]  # indices into class_names
+    bad_paths: tuple[str, ...]  # files that cannot be read as images (skipped)
 
 
 def _root(config) -> str:
@@ -72,13 +77,46 @@ def _split_name(root: str, split: str) -> str:
     )
 
 
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def _class_folders(root: str, split_name: str) -> list[str]:
+    split_dir = os.path.join(root, split_name)
+    names = os.listdir(split_dir) if os.path.isdir(split_dir) else []
+    return sorted(n for n in names if _visible(n) and os.path.isdir(os.path.join(split_dir, n)))
+
+
+def _class_files(root: str, split_name: str) -> list[str]:
+    """Every visible file in the split's class folders: what the user expects to be read."""
+    paths = []
+    for name in _class_folders(root, split_name):
+        folder = os.path.join(root, split_name, name)
+        paths += [
+            os.path.join(folder, f)
+            for f in sorted(os.listdir(folder))
+            if _visible(f) and os.path.isfile(os.path.join(folder, f))
+        ]
+    return paths
+
+
 def class_names(config) -> list[str]:
-    return list(_builder(_root(config)).info.features["label"].names)
+    """The label space: the train split's class folders, sorted."""
+    return _class_folders(_root(config), "train")
 
 
-def _listed_files(root: str, split_name: str) -> list[str]:
-    pattern = os.path.join(root, split_name, "*", "*")
-    return [p for p in tf.io.gfile.glob(pattern) if p.lower().endswith(IMAGE_EXTENSIONS)]
+def check_eval_classes(root: str) -> None:
+    """Every class folder of the evaluation split is one of train's: the model's outputs are
+    train's classes, so an eval-only class's images would count as errors whatever it does."""
+    split_name = _split_name(root, "eval")
+    extra = sorted(set(_class_folders(root, split_name)) - set(_class_folders(root, "train")))
+    if extra:
+        folders = ", ".join(os.path.join(root, split_name, name) for name in extra)
+        raise UserError(
+            f"--config.manual_dir={root}: {folders} has no class folder of the same name in "
+            f"{os.path.join(root, 'train')} (the classes are train's folders, so its images "
+            "could never be predicted right): add it there or remove it"
+        )
 
 
 def _decodes(example):
@@ -91,28 +129,50 @@ def _decodes(example):
 
 @functools.cache
 def scan(root: str, split_name: str) -> ScannedSplit:
-    """Decode every file of one split once; report the ones that fail (once per process)."""
+    """Decode every file of one split once; report the ones that cannot be read (once per
+    process). Labels are indices into train's class folders."""
+    if split_name != "train":
+        check_eval_classes(root)
     builder = _builder(root)
     ds = builder.as_dataset(split=split_name, decoders={"image": tfds.decode.SkipDecoding()})
     ds = ds.map(_decodes, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    good = list(ds.ignore_errors().as_numpy_iterator())
-    paths = tuple(path.decode() for path, _ in good)
-    labels = tuple(int(label) for _, label in good)
-    bad = tuple(sorted(set(_listed_files(root, split_name)) - set(paths)))
+    # The builder also lists hidden files and folders; those are dropped here, unreported.
+    listed = _class_files(root, split_name)
+    wanted = set(listed)
+    builder_names = builder.info.features["label"].names
+    classes = _class_folders(root, "train")
+    index = {name: i for i, name in enumerate(classes)}
+    good = [
+        (path.decode(), index[builder_names[label]])
+        for path, label in ds.ignore_errors().as_numpy_iterator()
+        if path.decode() in wanted
+    ]
+    paths = tuple(path for path, _ in good)
+    labels = tuple(label for _, label in good)
+    bad = tuple(sorted(wanted - set(paths)))
     if bad and jax.process_index() == 0:
         shown = "\n  ".join(bad[:MAX_REPORTED_PATHS])
         more = len(bad) - MAX_REPORTED_PATHS
         extra = f"\n  ... and {more} more" if more > 0 else ""
         print(
-            f"image_folder: skipping {len(bad)} of {len(bad) + len(paths)} files in "
-            f"{os.path.join(root, split_name)} that do not decode as images:\n  {shown}{extra}",
+            f"image_folder: skipping {len(bad)} of {len(listed)} files in "
+            f"{os.path.join(root, split_name)} that cannot be read as images (not "
+            f"{'/'.join(IMAGE_EXTENSIONS)}, or do not decode):\n  {shown}{extra}",
             file=sys.stderr,
         )
     if not paths:
         raise UserError(
-            f"--config.manual_dir={root}: split {split_name!r} has no decodable images "
-            f"({len(bad)} bad files); expected {_LAYOUT}"
+            f"--config.manual_dir={root}: split {split_name!r} has no readable images "
+            f"({len(bad)} unreadable files); expected {_LAYOUT}"
         )
+    if split_name == "train":
+        seen = set(labels)
+        empty = [os.path.join(root, split_name, c) for i, c in enumerate(classes) if i not in seen]
+        if empty:
+            raise UserError(
+                f"--config.manual_dir={root}: class folder {', '.join(empty)} has no readable "
+                f"image ({', '.join(IMAGE_EXTENSIONS)} that decodes): add images or remove it"
+            )
     return ScannedSplit(paths, labels, bad)
 
 

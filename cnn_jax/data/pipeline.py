@@ -36,6 +36,26 @@ def local_batch_size(config) -> int:
     return config.batch_size // jax.process_count()
 
 
+def input_channels(config) -> int:
+    """Channels of the model input: what config.preprocess makes of the dataset's images
+    (preprocess.input_channels). The pipeline, the model's initialisation, the summary and the
+    benchmark all take it from here."""
+    _preprocess_fn(config)  # an unknown op is a UserError here
+    return preprocess.input_channels(config.preprocess, datasets.num_channels(config))
+
+
+def channel_note(config) -> str | None:
+    """The one line a run prints when its images change channels on the way in, else None."""
+    have, want = datasets.num_channels(config), input_channels(config)
+    if have == want:
+        return None
+    into = "RGB (grey replicated)" if want == 3 else "luminance (ITU-R 601 luma)"
+    return (
+        f"data: {config.dataset} has {have} channel{'s' if have > 1 else ''}; converted to "
+        f"{into} for --config.preprocess={config.preprocess}"
+    )
+
+
 def _preprocess_fn(config):
     try:
         op = preprocess.PREPROCESSORS[config.preprocess]
@@ -70,7 +90,7 @@ def train_dataset(config, start_step: int = 0) -> tf.data.Dataset:
     if config.cache:
         examples = examples.cache()
     buffer = config.shuffle_buffer or spe * local_batch
-    size, channels = config.image_size, datasets.num_channels(config)
+    size, channels = config.image_size, input_channels(config)
 
     def one_epoch(epoch):
         epoch_seed = tf.stack([tf.constant(config.seed, tf.int64), epoch])
@@ -101,7 +121,7 @@ def eval_dataset(config) -> tf.data.Dataset:
     centre crop or the square ten crops come from, or one `image_qQ` per dense scale Q."""
     _preprocess_fn(config)  # an unknown op is a UserError here
     local_batch = local_batch_size(config)
-    channels = datasets.num_channels(config)
+    channels = input_channels(config)
     sides = preprocess.eval_view_sides(config)
 
     def prepare(ex):

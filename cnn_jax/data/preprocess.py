@@ -7,11 +7,24 @@ resumed run sees exactly the augmentation an uninterrupted one would. `image` is
 uint8 [H, W, C] tensor or, for datasets read without decoding (image folders, ImageNet), the
 encoded JPEG/PNG bytes; the op decodes those itself.
 
+Channels. Each op makes the channels its model takes (INPUT_CHANNELS): AlexNet and VGG shift
+and centre RGB colours, so a grey image becomes RGB by replicating it; LeNet-5 reads grey
+digits, so an RGB image becomes its luminance. Files always decode as RGB first, as
+torchvision's ImageFolder reads them, so that a grey, palette, RGBA, CMYK or 16-bit file gives
+what its RGB rendering would. `input_channels` is the one rule every part of the package asks.
+
 Sizes. The papers crop 224x224 out of images whose shorter side is 256 (AlexNet) or
 S in [256, 512] (VGG). Every side here is given at that 224 scale and multiplied by
 image_size / 224, so at image_size=224 the numbers are the papers' and a small experiment
 (image_size=32) keeps their proportions. Images smaller than that side, such as CIFAR-10's
 32x32 fed to a 224 AlexNet, are simply upsampled by the same resize.
+
+Decoding only the patch. AlexNet's and VGG's training and centre views are patches of the
+rescaled image, so they are computed from only the source pixels a patch needs
+(rescaled_patch): for JPEG bytes only that window is decoded (tf.image.decode_and_crop_jpeg),
+and no full-size rescaled image is made. The views equal rescale-then-crop
+(REFERENCE_PREPROCESSORS, same seeds) to float rounding; docs/input_pipeline.md has the
+geometry and the rates.
 
 Evaluation views beyond the centre crop (AlexNet's ten crops, VGG's dense multi-scale) need
 the whole rescaled square, not one crop: `eval_views` makes those for cnn_jax.evaluate.
@@ -57,6 +70,11 @@ LENET_MAX_SQUEEZE = 0.1  # x[0.9, 1.1] horizontally, the inverse vertically
 LENET_MAX_SHEAR = 0.15  # horizontal shift per row, as a fraction of a pixel
 
 
+# ITU-R BT.601 luma: Y = 0.299 R + 0.587 G + 0.114 B, the weights of JPEG's YCbCr and of
+# tf.image.rgb_to_grayscale (which rounds them to 0.2989, 0.5870, 0.1140, summing to 0.9999;
+# these sum to 1, so a grey image replicated to RGB comes back unchanged).
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
+
 # The ops branch only on Python values (train, config, static shapes), so tf.data need not
 # rewrite them with AutoGraph: skipping the conversion saves seconds per pipeline built.
 _plain_graph_code = tf.autograph.experimental.do_not_convert
@@ -65,11 +83,35 @@ _plain_graph_code = tf.autograph.experimental.do_not_convert
 # --- Building blocks ------------------------------------------------------------------------
 
 
-def decoded(image):
-    """Encoded JPEG/PNG bytes -> uint8 [H, W, 3]; a decoded image passes through."""
+def decoded(image, channels: int | None = None):
+    """Encoded JPEG/PNG bytes or a decoded uint8 [H, W, C] image -> uint8 [H, W, channels]
+    (None: files as RGB, decoded images as they are; see with_channels)."""
     if image.dtype == tf.string:
+        # Always three channels: TensorFlow's JPEG decoder turns a CMYK JPEG into RGB but
+        # refuses it one channel, and PNGs (grey, palette, RGBA; 16-bit ones keep their high
+        # byte) become RGB the same way. One luma formula then serves every file.
         image = tf.io.decode_image(image, channels=3, expand_animations=False)
-    return image
+    return with_channels(image, channels)
+
+
+def luminance(image):
+    """uint8 [H, W, 3] -> its BT.601 luma, rounded: uint8 [H, W, 1]."""
+    luma = tf.reduce_sum(tf.cast(image, tf.float32) * LUMA_WEIGHTS, axis=-1, keepdims=True)
+    return tf.saturate_cast(tf.round(luma), tf.uint8)
+
+
+def with_channels(image, channels: int | None):
+    """A uint8 [H, W, C] image with `channels` channels: grey replicated to RGB, RGB reduced
+    to its luminance; None or the same count leaves it as it is."""
+    have = image.shape[-1]
+    if channels is None or have == channels:
+        return image
+    if (have, channels) == (1, 3):
+        return tf.tile(image, [1, 1, 3])
+    if (have, channels) == (3, 1):
+        return luminance(image)
+    # validation.check_config refuses such datasets before a pipeline is built.
+    raise ValueError(f"cannot convert {have}-channel images to {channels} channels")
 
 
 def scaled_side(side_at_224: int, config) -> int:
@@ -77,12 +119,17 @@ def scaled_side(side_at_224: int, config) -> int:
     return round(side_at_224 * config.image_size / PAPER_CROP)
 
 
+def rescaled_size(hw, side):
+    """[height, width] (int32) of an image of size `hw` isotropically rescaled so that its
+    shorter side is `side` (a Python or tensor int)."""
+    hw = tf.cast(hw, tf.float32)
+    scale = tf.cast(side, tf.float32) / tf.reduce_min(hw)
+    return tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), side)
+
+
 def resize_shorter_side(image, side):
     """Isotropic rescale so the shorter side is `side` (a Python or tensor int); float32."""
-    shape = tf.shape(image)
-    hw = tf.cast(shape[:2], tf.float32)
-    scale = tf.cast(side, tf.float32) / tf.reduce_min(hw)
-    new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), side)
+    new_hw = rescaled_size(tf.shape(image)[:2], side)
     return tf.image.resize(tf.cast(image, tf.float32), new_hw, antialias=True)
 
 
@@ -103,6 +150,155 @@ def random_crop_and_flip(image, size: int, seed):
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     image = tf.image.stateless_random_crop(image, [size, size, image.shape[-1]], seed=crop_seed)
     return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+
+
+# --- Decoding only the patch a view uses (docs/input_pipeline.md) ---------------------------
+#
+# A training view is a size x size patch of the image rescaled to a shorter side S, rescaled
+# by tf.image.resize's antialiased bilinear filter (ScaleAndTranslate, kernel "triangle"):
+# along each axis, output pixel r samples the source at x_r = (r + 0.5) / scale (pixel k's
+# centre is at k + 0.5) with a triangle of half-width max(1 / scale, 1) source pixels, its
+# weights normalised to sum to 1. A patch needs only the source pixels under its samples'
+# triangles: that window is all that is decoded (tf.image.decode_and_crop_jpeg for JPEG
+# bytes) and resampled, at the same sample positions with the same weights, so the patch
+# equals resize-then-crop to float rounding (tests/test_input_pipeline.py).
+
+# Output rows resampled together by one small matrix product (see _resample): 16 was the
+# fastest of 4, 8, 16, 32, 56 per CPU-second with TensorFlow's Eigen matmul (cnn_jax turns
+# oneDNN off; with it, 8 is as fast).
+_RESAMPLE_BLOCK = 16
+
+
+def _crop_offset(extent_hw, size: int, seed):
+    """The top-left corner of a random size x size patch of an extent_hw region: the draw
+    tf.image.stateless_random_crop makes for a rank-3 image, so the same seed picks the same
+    patch as random_crop_and_flip does (runs keep their augmentation)."""
+    limit = tf.concat([extent_hw - size + 1, [1]], 0)
+    draw = tf.random.stateless_uniform([3], seed=seed, maxval=tf.int32.max, dtype=tf.int32)
+    return (draw % limit)[:2]
+
+
+def patch_window(hw, new_hw, top_left, size: int):
+    """Where the size x size patch at `top_left` of an image of size `hw` rescaled to `new_hw`
+    lies in the image: (window [top, left, height, width] of source pixels, int32; the first
+    sample's position in the window and the step between samples, float32 [2] each)."""
+    step = tf.cast(hw, tf.float32) / tf.cast(new_hw, tf.float32)  # source pixels per output one
+    half_width = tf.maximum(step, 1.0)  # the triangle's, widened when shrinking (antialias)
+    first = (tf.cast(top_left, tf.float32) + 0.5) * step
+    last = first + (size - 1) * step
+    # A sample at x reads sources ceil(x - w - 0.5) .. floor(x + w - 0.5); one pixel more on
+    # each side absorbs float rounding.
+    low = tf.maximum(tf.cast(tf.floor(first - half_width - 0.5), tf.int32) - 1, 0)
+    high = tf.minimum(tf.cast(tf.math.ceil(last + half_width - 0.5), tf.int32) + 2, hw)
+    return tf.concat([low, high - low], 0), first - tf.cast(low, tf.float32), step
+
+
+def _axis_weights(size: int, n, first, step):
+    """Resampling along one axis of n source pixels to `size` samples at first + r * step
+    (step < 0: mirrored), in blocks of _RESAMPLE_BLOCK samples: (weights [blocks, block,
+    span], float32; the source index each weight column reads, [blocks, span], int32)."""
+    blocks = -(-size // _RESAMPLE_BLOCK)
+    half_width = tf.maximum(tf.abs(step), 1.0)
+    x = first + tf.range(blocks * _RESAMPLE_BLOCK, dtype=tf.float32) * step
+    # ScaleAndTranslate's support of each sample and triangle weights, exactly.
+    top = tf.cast(n - 1, tf.float32)
+    start = tf.clip_by_value(tf.math.ceil(x - half_width - 0.5), 0.0, top)
+    end = tf.clip_by_value(tf.floor(x + half_width - 0.5), 0.0, top) + 1.0
+    x, start, end = (tf.reshape(v, [blocks, _RESAMPLE_BLOCK, 1]) for v in (x, start, end))
+    span = tf.cast(tf.math.ceil(_RESAMPLE_BLOCK * tf.abs(step) + 2 * half_width + 2), tf.int32)
+    source = tf.reduce_min(start, axis=1) + tf.range(span, dtype=tf.float32)  # [blocks, span]
+    source_3d = source[:, None, :]
+    weights = tf.where(
+        (source_3d >= start) & (source_3d < end),
+        tf.maximum(0.0, 1.0 - tf.abs(source_3d + 0.5 - x) / half_width),
+        0.0,
+    )
+    weights = tf.math.divide_no_nan(weights, tf.reduce_sum(weights, axis=2, keepdims=True))
+    return weights, tf.minimum(tf.cast(source, tf.int32), n - 1)
+
+
+def _resample(pixels, size: int, first, step):
+    """uint8 [h, w, C] -> float32 [size, size, C]: ScaleAndTranslate's triangle resampling at
+    the given sample positions, as two passes of blocked matrix products. TensorFlow's own
+    kernel is scalar code and took about half of a training view's CPU time; a block of
+    samples reads a short run of source rows, so each pass is a batch of small products over
+    gathered rows.
+    """
+    h, w, channels = tf.shape(pixels)[0], tf.shape(pixels)[1], pixels.shape[-1]
+    rows_w, rows_i = _axis_weights(size, h, first[0], step[0])
+    # Gathered as uint8, then made float: the pass is memory-bound, and a float copy of the
+    # whole window would be one more 1.3 MB round trip per ImageNet-sized image.
+    gathered = tf.cast(tf.gather(tf.reshape(pixels, [h, -1]), rows_i), tf.float32)
+    rows = tf.matmul(rows_w, gathered)  # [blocks, block, w * C]
+    rows = tf.transpose(tf.reshape(rows, [-1, w, channels])[:size], [1, 0, 2])  # [w, size, C]
+    cols_w, cols_i = _axis_weights(size, w, first[1], step[1])
+    out = tf.matmul(cols_w, tf.gather(tf.reshape(rows, [w, -1]), cols_i))
+    return tf.transpose(tf.reshape(out, [-1, size, channels])[:size], [1, 0, 2])
+
+
+def _source_and_window(image, window_of):
+    """Decode no more of `image` than `window_of(hw)` ([top, left, height, width] for a
+    source of size hw) asks: (uint8 [height, width, 3] pixels, hw)."""
+    if image.dtype != tf.string:  # an already-decoded image (MNIST, CIFAR-10): slice it
+        hw = tf.shape(image)[:2]
+        top, left, height, width = tf.unstack(window_of(hw))
+        return with_channels(image[top : top + height, left : left + width], 3), hw
+    is_jpeg = tf.io.is_jpeg(image)
+    # Other formats (PNG) have no partial decoder: decode them whole, then slice.
+    whole = tf.cond(
+        is_jpeg,
+        lambda: tf.zeros([0, 0, 3], tf.uint8),
+        lambda: tf.io.decode_image(image, channels=3, expand_animations=False),
+    )
+    hw = tf.cond(
+        is_jpeg, lambda: tf.image.extract_jpeg_shape(image)[:2], lambda: tf.shape(whole)[:2]
+    )
+    window = window_of(hw)
+    pixels = tf.cond(
+        is_jpeg,
+        # Three channels, as `decoded` asks: a CMYK or grey JPEG comes out RGB.
+        lambda: tf.image.decode_and_crop_jpeg(image, window, channels=3),
+        lambda: tf.slice(whole, tf.concat([window[:2], [0]], 0), tf.concat([window[2:], [3]], 0)),
+    )
+    return pixels, hw
+
+
+def rescaled_patch(image, side, offset_of, size: int, mirror=False):
+    """The size x size patch of `image` rescaled to shorter side `side` whose top-left corner,
+    in the rescaled image, is offset_of(rescaled [height, width]); float32 [size, size, 3],
+    mirrored left-right where `mirror` (a bool tensor) holds. The same pixels as
+    resize_shorter_side then slicing (and tf.reverse), computed from only the source window
+    the patch needs (patch_window): for JPEG bytes, only that window is decoded."""
+
+    def geometry(hw):
+        new_hw = rescaled_size(hw, side)
+        return patch_window(hw, new_hw, offset_of(new_hw), size)
+
+    pixels, hw = _source_and_window(image, lambda hw: geometry(hw)[0])
+    _, first, step = geometry(hw)  # the same values: the offset's random draw is stateless
+    mirror = tf.convert_to_tensor(mirror, tf.bool)
+
+    def resampled():
+        # A mirrored patch samples its columns from the right: the same samples, reversed.
+        flip = tf.cast(mirror, tf.float32) * tf.constant([0.0, 1.0])
+        return _resample(pixels, size, first + flip * (size - 1) * step, step * (1 - 2 * flip))
+
+    def sliced():
+        # Already at the scale (an image of a fixed-side cache, cnn_jax.data.cache): every
+        # sample sits on a pixel centre, where the triangle's weights are 1, 0, 0.
+        top_left = tf.cast(first - 0.5, tf.int32)
+        patch = tf.cast(
+            tf.slice(pixels, tf.concat([top_left, [0]], 0), [size, size, 3]), tf.float32
+        )
+        return tf.cond(mirror, lambda: tf.reverse(patch, [1]), lambda: patch)
+
+    on_pixels = tf.reduce_all(tf.equal(step, 1.0)) & tf.reduce_all(tf.equal(first % 1.0, 0.5))
+    return tf.ensure_shape(tf.cond(on_pixels, sliced, resampled), [size, size, 3])
+
+
+def _mirrors(seed):
+    """tf.image.stateless_random_flip_left_right's decision for `seed`, as a bool."""
+    return tf.random.stateless_uniform([], seed=seed, minval=0, maxval=1.0) < 0.5
 
 
 def pca_colour_shift(seed, std: float):
@@ -164,7 +360,7 @@ def lenet(image, seed, *, train, config):
     """28x28 digits padded to 32x32 so that stroke end-points can reach the centre of C3's
     receptive fields; intensities mapped to [-0.1, 1.175]; with config.lenet_distortions,
     training images get one random affine distortion each (paper Sec. III-C)."""
-    image = tf.cast(decoded(image), tf.float32) / 255.0
+    image = tf.cast(decoded(image, INPUT_CHANNELS["lenet"]), tf.float32) / 255.0
     image = LENET_BACKGROUND + image * (LENET_INK - LENET_BACKGROUND)
     size = config.image_size
     static_side = image.shape[0]
@@ -194,7 +390,7 @@ def lenet(image, seed, *, train, config):
 def scale_to_unit(image, seed, *, train, config):
     """[0, 255] -> [-1, 1], resized to image_size: synthetic data and quick experiments."""
     del seed, train
-    image = tf.cast(decoded(image), tf.float32) / 127.5 - 1.0
+    image = tf.cast(decoded(image, INPUT_CHANNELS["scale_to_unit"]), tf.float32) / 127.5 - 1.0
     size = config.image_size
     if image.shape[0] != size or image.shape[1] != size:
         image = tf.image.resize(image, [size, size])
@@ -205,9 +401,65 @@ def scale_to_unit(image, seed, *, train, config):
 def alexnet(image, seed, *, train, config):
     """AlexNet (Sec. 2, 4.1): shorter side to 256, central 256x256; training takes a random
     224x224 patch, mirrors it half the time and shifts its colour along the ImageNet RGB
-    principal components; evaluation takes the centre patch. Per-channel mean subtracted."""
+    principal components; evaluation takes the centre patch. Per-channel mean subtracted.
+
+    Only the patch is computed, from only the source pixels it needs (rescaled_patch): the
+    same views as alexnet_resize_then_crop, which rescales the whole image first."""
+    size, side = config.image_size, scaled_side(ALEXNET_SIDE, config)
+    square = tf.constant([side, side])
+    if train:
+        crop_seed, colour_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        # random_crop_and_flip's two seeds: the same patch and mirror as the reference.
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(crop_seed, 2))
+        in_square = _crop_offset(square, size, crop_seed)
+    else:
+        in_square = (square - size) // 2  # central_crop's centre patch
+    mirror = _mirrors(flip_seed) if train else False
+    offset_of = lambda new_hw: (new_hw - side) // 2 + in_square
+    image = rescaled_patch(image, side, offset_of, size, mirror)
+    if not train:
+        return subtract_mean_rgb(image)
+    # One pass over the patch for both offsets (the op is memory-bound).
+    return image + (pca_colour_shift(colour_seed, config.pca_lighting_std) - IMAGENET_MEAN_RGB)
+
+
+@_plain_graph_code
+def vgg(image, seed, *, train, config):
+    """VGG (Sec. 3.1): training rescales the shorter side to S, drawn per image from
+    [train_scale_min, train_scale_max] (equal bounds: fixed S), then takes a random 224x224
+    crop, mirrored half the time, with AlexNet's colour shift. Evaluation rescales to
+    Q = (S_min + S_max) / 2 (Sec. 4.1) and takes the centre crop. Mean RGB subtracted.
+
+    Only the crop is computed, from only the source pixels it needs (rescaled_patch): the
+    same views as vgg_resize_then_crop."""
     size = config.image_size
-    image = rescaled_square(decoded(image), scaled_side(ALEXNET_SIDE, config))
+    s_min, s_max = (
+        scaled_side(config.train_scale_min, config),
+        scaled_side(config.train_scale_max, config),
+    )
+    if not train:
+        centre = lambda new_hw: (new_hw - size) // 2  # central_crop's
+        return subtract_mean_rgb(rescaled_patch(image, (s_min + s_max) // 2, centre, size))
+    scale_seed, crop_seed, colour_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    side = tf.random.stateless_uniform(
+        [], seed=scale_seed, minval=s_min, maxval=s_max + 1, dtype=tf.int32
+    )
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(crop_seed, 2))
+    offset_of = lambda new_hw: _crop_offset(new_hw, size, crop_seed)
+    image = rescaled_patch(image, side, offset_of, size, _mirrors(flip_seed))
+    return image + (pca_colour_shift(colour_seed, config.pca_lighting_std) - IMAGENET_MEAN_RGB)
+
+
+# The resize-then-crop forms of the decode-the-patch ops: same seeds, same views.
+@_plain_graph_code
+def alexnet_resize_then_crop(image, seed, *, train, config):
+    """`alexnet` as the paper words it: decode the whole image, rescale it, cut the square,
+    then the patch. The same views from the same seeds; the reference the op is tested
+    against (and timed against: benchmarks/input_rate.py --compare)."""
+    size = config.image_size
+    image = rescaled_square(
+        decoded(image, INPUT_CHANNELS["alexnet"]), scaled_side(ALEXNET_SIDE, config)
+    )
     if train:
         crop_seed, colour_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         image = random_crop_and_flip(image, size, crop_seed)
@@ -218,13 +470,11 @@ def alexnet(image, seed, *, train, config):
 
 
 @_plain_graph_code
-def vgg(image, seed, *, train, config):
-    """VGG (Sec. 3.1): training rescales the shorter side to S, drawn per image from
-    [train_scale_min, train_scale_max] (equal bounds: fixed S), then takes a random 224x224
-    crop, mirrored half the time, with AlexNet's colour shift. Evaluation rescales to
-    Q = (S_min + S_max) / 2 (Sec. 4.1) and takes the centre crop. Mean RGB subtracted."""
+def vgg_resize_then_crop(image, seed, *, train, config):
+    """`vgg` as the paper words it: decode the whole image, rescale it to S, then crop. The
+    reference the op is tested and timed against, as alexnet_resize_then_crop."""
     size = config.image_size
-    image = decoded(image)
+    image = decoded(image, INPUT_CHANNELS["vgg"])
     s_min, s_max = (
         scaled_side(config.train_scale_min, config),
         scaled_side(config.train_scale_max, config),
@@ -244,6 +494,17 @@ def vgg(image, seed, *, train, config):
 
 
 PREPROCESSORS = {"lenet": lenet, "scale_to_unit": scale_to_unit, "alexnet": alexnet, "vgg": vgg}
+REFERENCE_PREPROCESSORS = {"alexnet": alexnet_resize_then_crop, "vgg": vgg_resize_then_crop}
+# The channels each op's output (the model input) has; None keeps the dataset's.
+INPUT_CHANNELS: dict[str, int | None] = {"lenet": 1, "alexnet": 3, "vgg": 3, "scale_to_unit": None}
+# The dataset channel counts an op with a fixed count converts from (see with_channels).
+CONVERTIBLE_CHANNELS = (1, 3)
+
+
+def input_channels(preprocess_name: str, dataset_channels: int) -> int:
+    """The model input's channels when op `preprocess_name` reads a dataset's images."""
+    wanted = INPUT_CHANNELS[preprocess_name]
+    return dataset_channels if wanted is None else wanted
 
 
 # --- Evaluation views (cnn_jax.evaluate) ----------------------------------------------------
@@ -291,7 +552,7 @@ def eval_views(image, config) -> dict:
         op = PREPROCESSORS[config.preprocess]
         return {"image": op(image, tf.zeros([2], tf.int64), train=False, config=config)}
     normalise = _NORMALISERS[config.preprocess]
-    image = decoded(image)
+    image = decoded(image, INPUT_CHANNELS[config.preprocess])
     return {
         key: normalise(rescaled_square(image, side))
         for key, side in eval_view_sides(config).items()

@@ -25,6 +25,34 @@ def resolve_half_precision(config) -> None:
         config.half_precision = jax.default_backend() in ("gpu", "tpu")
 
 
+def resolve_mesh_model(config, num_devices: int, process_count: int = 1) -> str | None:
+    """Fill an automatic model axis (config.mesh_model=0, configs/alexnet.py's default) in
+    place: a device per tower where the devices allow it, else every device runs all towers
+    (parallel.auto_model_axis). Returns the one line that says which, for a model with
+    towers; None when nothing was chosen."""
+    from cnn_jax import parallel
+
+    if config.mesh_model != parallel.AUTO_MODEL_AXIS:
+        return None
+    towers = max(MODEL_AXIS_SIZES.get(config.model, (1,)))
+    config.mesh_model = parallel.auto_model_axis(
+        towers, num_devices=num_devices, batch_size=config.batch_size,
+        mesh_data=config.mesh_data, process_count=process_count,
+    )  # fmt: skip
+    if towers == 1:
+        return None
+    if config.mesh_model == towers:
+        return (
+            f"mesh: {config.model}'s {towers} towers on separate devices, the paper's split "
+            f"(data={num_devices // towers} x model={towers})"
+        )
+    return (
+        f"mesh: {config.model}'s {towers} towers together on each of the {num_devices} "
+        f"device(s) (data={num_devices} x model=1); a device per tower needs a multiple of "
+        f"{towers} devices that splits the batch evenly (--config.mesh_model={towers} insists)"
+    )
+
+
 def _width_divisor(c, allowed: tuple[int, ...]) -> int:
     if c.width_divisor not in allowed:
         raise UserError(

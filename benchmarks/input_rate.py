@@ -1,0 +1,126 @@
+"""Training input pipeline alone: images/s and images per CPU-second, as one JSON object.
+
+    python benchmarks/input_rate.py --config=configs/alexnet.py --config.dataset=image_folder \\
+        --config.manual_dir=DIR --config.batch_size=32 [--steps=30] [--rounds=3] [--compare]
+
+Times `cnn_jax.data.pipeline.train_dataset` (read, decode, augment, batch: what a training
+step waits on, without the transfer to devices) over --steps batches after a warm-up, in
+--rounds rounds, and reports the median round. Besides wall-clock images/s it reports images
+per CPU-second of this process (user + system time of all its threads, getrusage): the rate
+of one core, which other processes' load on a shared machine changes far less than the
+wall-clock rate. With --compare each round also times the resize-then-crop form of the op
+(preprocess.REFERENCE_PREPROCESSORS: the whole image decoded and rescaled, as before
+docs/input_pipeline.md's change), alternating, so both see the same machine.
+"""
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import flags
+from ml_collections import config_flags
+
+from cnn_jax import cli
+from cnn_jax.errors import UserError
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                    if line.startswith("Model name"))  # fmt: skip
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def time_round(config, steps: int, warmup: int) -> dict:
+    from cnn_jax.data import pipeline
+
+    batches = iter(pipeline.train_dataset(config))
+    for _ in range(warmup):
+        next(batches)
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    for _ in range(steps):
+        next(batches)
+    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    images = steps * config.batch_size
+    return {"images_per_sec": images / wall, "images_per_cpu_sec": images / cpu}
+
+
+def run(config, *, steps: int, rounds: int, warmup: int, compare: bool) -> dict:
+    from cnn_jax.data import datasets, preprocess
+
+    current = preprocess.PREPROCESSORS[config.preprocess]
+    variants = {"decode_patch": current}
+    if compare:
+        if config.preprocess not in preprocess.REFERENCE_PREPROCESSORS:
+            raise UserError(f"--compare: preprocess {config.preprocess!r} has no reference form")
+        variants["resize_then_crop"] = preprocess.REFERENCE_PREPROCESSORS[config.preprocess]
+    times = {name: [] for name in variants}
+    try:
+        for _ in range(rounds):
+            for name, op in variants.items():
+                preprocess.PREPROCESSORS[config.preprocess] = op
+                times[name].append(time_round(config, steps, warmup))
+    finally:
+        preprocess.PREPROCESSORS[config.preprocess] = current
+    result = {
+        "preprocess": config.preprocess,
+        "dataset": config.dataset,
+        "images": datasets.num_examples(config, "train"),
+        "batch_size": config.batch_size,
+        "timed_images_per_round": steps * config.batch_size,
+        "rounds": rounds,
+        "cpu": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)),
+        "load_average_1min": os.getloadavg()[0],
+    }
+    for name, rounds_ in times.items():
+        for field in ("images_per_sec", "images_per_cpu_sec"):
+            values = [r[field] for r in rounds_]
+            result[f"{name}_{field}"] = statistics.median(values)
+            result[f"{name}_{field}_rounds"] = [round(v, 1) for v in values]
+    if compare:
+        result["per_core_speedup"] = (
+            result["decode_patch_images_per_cpu_sec"]
+            / result["resize_then_crop_images_per_cpu_sec"]
+        )
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv if argv is None else argv
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "A configs/*.py file; every field overridable.",
+                                    flag_values=fv, sys_argv=argv)  # fmt: skip
+    flags.DEFINE_integer("steps", 30, "Timed batches per round.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("rounds", 3, "Rounds (the median is reported).", lower_bound=1,
+                         flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("warmup", 3, "Untimed batches before each round.", lower_bound=0,
+                         flag_values=fv)  # fmt: skip
+    flags.DEFINE_bool("compare", False, "Also time the resize-then-crop op, alternating.",
+                      flag_values=fv)  # fmt: skip
+    if not cli.parse_tool_flags(argv, fv, __doc__):
+        return
+
+    def body():
+        if fv.config is None:
+            raise UserError("--config=configs/X.py[:arg] is required")
+        print(json.dumps(run(fv.config, steps=fv.steps, rounds=fv.rounds, warmup=fv.warmup,
+                             compare=fv.compare)))  # fmt: skip
+
+    cli.run(body)
+
+
+if __name__ == "__main__":
+    main()
