@@ -23,7 +23,6 @@ import sys
 import time
 
 from absl import flags
-from ml_collections import config_flags
 
 from cnn_jax import cli
 from cnn_jax.errors import UserError
@@ -218,10 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     flags live in their own FlagValues, so it never clashes with cnn_jax.main's."""
     argv = sys.argv if argv is None else argv
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", None, "A configs/*.py file; every field overridable.", flag_values=fv,
-        sys_argv=argv,  # where config_flags looks for --config.FIELD overrides
-    )  # fmt: skip
+    cli.define_config_flag(fv, argv)
     # Bounds: a count out of range is one error line, not a silently different benchmark.
     flags.DEFINE_integer("steps", 20, "Timed training steps per framework.", lower_bound=1,
                          flag_values=fv)  # fmt: skip

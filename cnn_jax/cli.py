@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 
 from absl import flags, logging
+from ml_collections import config_flags
 
 from cnn_jax import errors
 from cnn_jax.errors import UserError
@@ -39,6 +40,14 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
         _fail(f"could not load the config: {_load_failure(e)}")
     _check_config_files_loaded(flag_values)
     return rest
+
+
+def define_config_flag(flag_values: flags.FlagValues, argv: list[str]) -> None:
+    """--config for a tool with its own FlagValues (benchmark, summary, data.cache)."""
+    config_flags.DEFINE_config_file(
+        "config", None, "A configs/*.py file[:arg]; every field overridable.",
+        flag_values=flag_values, sys_argv=argv,  # where config_flags finds --config.FIELD
+    )  # fmt: skip
 
 
 def parse_tool_flags(argv: list[str], flag_values: flags.FlagValues, doc: str) -> bool:

@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import flags
-from ml_collections import config_flags
 
 from cnn_jax import cli, models, validation
 from cnn_jax.errors import UserError
@@ -202,10 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     Its flags live in their own FlagValues, so it never clashes with cnn_jax.main's."""
     argv = sys.argv if argv is None else argv
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", None, "A configs/*.py file[:arg]; every field overridable.", flag_values=fv,
-        sys_argv=argv,  # where config_flags looks for --config.FIELD overrides
-    )  # fmt: skip
+    cli.define_config_flag(fv, argv)
     flags.DEFINE_bool(
         "models_table", False, "Print the README's Markdown model table.", flag_values=fv
     )

@@ -11,12 +11,11 @@ import json
 import os
 import tomllib
 
-import jax
 import numpy as np
 import PIL.Image
 import pytest
 import tensorflow as tf
-from test_faults import run_main
+from test_faults import _no_compiles, run_main
 
 from cnn_jax import defaults, summary, train, validation
 from cnn_jax.data import bundled_digits, image_folder, pipeline, preprocess
@@ -256,19 +255,10 @@ def _argv(workdir, *extra):
 
 
 def _fails_with_one_line_before_compiling(argv):
-    compiles = []
-
-    def on_event(event, secs, **kwargs):
-        if "compile" in event:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(on_event)
-    try:
+    with _no_compiles():  # asserts that nothing compiled
         status, _, err = run_main(argv)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(on_event)
     assert status == 2 and len(err.splitlines()) == 1, (status, err[-2000:])
-    assert err.startswith("error: ") and not compiles, (err, compiles)
+    assert err.startswith("error: "), err
     return err
 
 

@@ -33,7 +33,6 @@ import shutil
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from cnn_jax import cli
 from cnn_jax.errors import UserError
@@ -187,10 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line; takes argv (program name first) so tests can call it in-process."""
     argv = sys.argv if argv is None else argv
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", None, "A configs/*.py file[:arg]; every field overridable.", flag_values=fv,
-        sys_argv=argv,  # where config_flags looks for --config.FIELD overrides
-    )  # fmt: skip
+    cli.define_config_flag(fv, argv)
     flags.DEFINE_string("out", None, "The folder to write the cache to (new or empty).",
                         flag_values=fv)  # fmt: skip
     flags.DEFINE_integer("quality", JPEG_QUALITY, "JPEG quality of rescaled images.",
