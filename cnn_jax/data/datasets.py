@@ -111,7 +111,7 @@ def prepared_builder(config) -> tfds.core.DatasetBuilder:
             "use --config.dataset=bundled_digits (ships with the package) or synthetic, or point "
             "--config.data_dir at a prepared TFDS copy"
         )
-    manual_dir = os.path.expanduser(config.manual_dir)
+    manual_dir = config.manual_dir  # `~` already expanded (paths.expand_config_paths)
     if spec.note and not (os.path.isdir(manual_dir) and os.listdir(manual_dir)):
         given = f" (--config.manual_dir={manual_dir} is empty or missing)" if manual_dir else ""
         raise UserError(
