@@ -1,7 +1,8 @@
 """Training input pipeline alone: images/s and images per CPU-second, as one JSON object.
 
-    python benchmarks/input_rate.py --config=configs/alexnet.py --config.dataset=image_folder \\
-        --config.manual_dir=DIR --config.batch_size=32 [--steps=30] [--rounds=3] [--compare]
+    python benchmarks/input_rate.py --config=configs/alexnet.py --config.data.name=image_folder \\
+        --config.data.manual_dir=DIR --config.input.batch_size=32 [--steps=30] [--rounds=3] \\
+        [--compare]
 
 Times `cnn_jax.data.pipeline.train_dataset` (read, decode, augment, batch: what a training
 step waits on, without the transfer to devices) over --steps batches after a warm-up, in
@@ -9,8 +10,8 @@ step waits on, without the transfer to devices) over --steps batches after a war
 per CPU-second of this process (user + system time of all its threads, getrusage): the rate
 of one core, which other processes' load on a shared machine changes far less than the
 wall-clock rate. With --compare each round also times the resize-then-crop form of the op
-(preprocess.REFERENCE_PREPROCESSORS: the whole image decoded and rescaled, as before
-docs/input_pipeline.md's change), alternating, so both see the same machine.
+(its PreprocessSpec.reference: the whole image decoded and rescaled), alternating, so both see
+the same machine.
 """
 
 import json
@@ -23,7 +24,6 @@ import sys
 import time
 
 from absl import flags
-from ml_collections import config_flags
 
 from cnn_jax import cli
 from cnn_jax.errors import UserError
@@ -37,49 +37,65 @@ def cpu_seconds() -> float:
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))  # fmt: skip
+        lines = out.splitlines()
+        return next(
+            line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")
+        )
     except (OSError, subprocess.CalledProcessError, StopIteration):
         return platform.processor() or "unknown"
 
 
-def time_round(config, steps: int, warmup: int) -> dict:
+def time_round(source, prep, config, steps: int, warmup: int) -> dict:
     from cnn_jax.data import pipeline
 
-    batches = iter(pipeline.train_dataset(config))
+    batches = iter(
+        pipeline.train_dataset(
+            source,
+            prep,
+            batch_size=config.input.batch_size,
+            seed=config.run.seed,
+            cache=config.input.cache,
+            shuffle_buffer=config.input.shuffle_buffer,
+        )
+    )
     for _ in range(warmup):
         next(batches)
     wall, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(steps):
         next(batches)
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-    images = steps * config.batch_size
+    images = steps * config.input.batch_size
     return {"images_per_sec": images / wall, "images_per_cpu_sec": images / cpu}
 
 
 def run(config, *, steps: int, rounds: int, warmup: int, compare: bool) -> dict:
-    from cnn_jax.data import datasets, preprocess
+    import dataclasses
 
-    current = preprocess.PREPROCESSORS[config.preprocess]
+    from cnn_jax import experiment
+    from cnn_jax.data import preprocess
+
+    source, prep = experiment.source(config), experiment.preprocessing(config)
+    current = prep.spec
     variants = {"decode_patch": current}
     if compare:
-        if config.preprocess not in preprocess.REFERENCE_PREPROCESSORS:
-            raise UserError(f"--compare: preprocess {config.preprocess!r} has no reference form")
-        variants["resize_then_crop"] = preprocess.REFERENCE_PREPROCESSORS[config.preprocess]
+        if current.reference is None:
+            raise UserError(f"--compare: preprocess {prep.name!r} has no reference form")
+        variants["resize_then_crop"] = dataclasses.replace(current, fn=current.reference)
     times = {name: [] for name in variants}
     try:
         for _ in range(rounds):
-            for name, op in variants.items():
-                preprocess.PREPROCESSORS[config.preprocess] = op
-                times[name].append(time_round(config, steps, warmup))
+            for name, spec in variants.items():
+                preprocess.PREPROCESSORS[prep.name] = spec  # Preprocessing looks its op up
+                times[name].append(time_round(source, prep, config, steps, warmup))
     finally:
-        preprocess.PREPROCESSORS[config.preprocess] = current
+        preprocess.PREPROCESSORS[prep.name] = current
+    batch_size = config.input.batch_size
     result = {
-        "preprocess": config.preprocess,
-        "dataset": config.dataset,
-        "images": datasets.num_examples(config, "train"),
-        "batch_size": config.batch_size,
-        "timed_images_per_round": steps * config.batch_size,
+        "preprocess": prep.name,
+        "dataset": source.name,
+        "images": source.num_examples("train"),
+        "batch_size": batch_size,
+        "timed_images_per_round": steps * batch_size,
         "rounds": rounds,
         "cpu": cpu_model(),
         "cores": len(os.sched_getaffinity(0)),
@@ -101,23 +117,27 @@ def run(config, *, steps: int, rounds: int, warmup: int, compare: bool) -> dict:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "A configs/*.py file; every field overridable.",
-                                    flag_values=fv, sys_argv=argv)  # fmt: skip
+    cli.define_config_flag(fv, argv)
     flags.DEFINE_integer("steps", 30, "Timed batches per round.", lower_bound=1, flag_values=fv)
-    flags.DEFINE_integer("rounds", 3, "Rounds (the median is reported).", lower_bound=1,
-                         flag_values=fv)  # fmt: skip
-    flags.DEFINE_integer("warmup", 3, "Untimed batches before each round.", lower_bound=0,
-                         flag_values=fv)  # fmt: skip
-    flags.DEFINE_bool("compare", False, "Also time the resize-then-crop op, alternating.",
-                      flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer(
+        "rounds", 3, "Rounds (the median is reported).", lower_bound=1, flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "warmup", 3, "Untimed batches before each round.", lower_bound=0, flag_values=fv
+    )
+    flags.DEFINE_bool(
+        "compare", False, "Also time the resize-then-crop op, alternating.", flag_values=fv
+    )
     if not cli.parse_tool_flags(argv, fv, __doc__):
         return
 
     def body():
         if fv.config is None:
             raise UserError("--config=configs/X.py[:arg] is required")
-        print(json.dumps(run(fv.config, steps=fv.steps, rounds=fv.rounds, warmup=fv.warmup,
-                             compare=fv.compare)))  # fmt: skip
+        result = run(
+            fv.config, steps=fv.steps, rounds=fv.rounds, warmup=fv.warmup, compare=fv.compare
+        )
+        print(json.dumps(result))
 
     cli.run(body)
 

@@ -66,15 +66,19 @@ def write(out: str, classes: int, train_per_class: int, eval_per_class: int, qua
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
     fv = flags.FlagValues()
-    flags.DEFINE_string("out", None, "Folder to write (created; must not exist yet).",
-                        flag_values=fv)  # fmt: skip
+    flags.DEFINE_string(
+        "out", None, "Folder to write (created; must not exist yet).", flag_values=fv
+    )
     flags.DEFINE_integer("classes", 10, "Class folders per split.", lower_bound=1, flag_values=fv)
-    flags.DEFINE_integer("train_per_class", 30, "Training images per class.", lower_bound=1,
-                         flag_values=fv)  # fmt: skip
-    flags.DEFINE_integer("eval_per_class", 5, "Validation images per class.", lower_bound=1,
-                         flag_values=fv)  # fmt: skip
-    flags.DEFINE_integer("quality", 90, "JPEG quality.", lower_bound=1, upper_bound=100,
-                         flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer(
+        "train_per_class", 30, "Training images per class.", lower_bound=1, flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "eval_per_class", 5, "Validation images per class.", lower_bound=1, flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "quality", 90, "JPEG quality.", lower_bound=1, upper_bound=100, flag_values=fv
+    )
     if not cli.parse_tool_flags(argv, fv, __doc__):
         return
 

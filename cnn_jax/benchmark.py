@@ -1,7 +1,7 @@
 """Training throughput of a config's model, as one JSON object on stdout.
 
-    python -m cnn_jax.benchmark --config=configs/lenet.py --config.batch_size=128 [--steps=N]
-    python -m cnn_jax.benchmark --config=configs/lenet.py --config.batch_size=128 --torch
+    python -m cnn_jax.benchmark --config=configs/lenet.py --config.input.batch_size=128 [--steps=N]
+    python benchmarks/torch_reference.py --config=configs/lenet.py --config.input.batch_size=128
 
 The step timed is the one `cnn_jax.main` trains with (`train.Trainer.train_step`), compiled
 once ahead of time so that compilation, XLA's cost analysis and the timed steps all see the
@@ -10,9 +10,10 @@ the model's speed alone; the input pipeline (`Trainer.train_batches`: tf.data, p
 transfer to the devices) is timed separately, alone, as `input_images_per_sec` and, per core,
 `input_images_per_cpu_sec`.
 
-With --torch the PyTorch reference of the same layers (cnn_jax.benchmark_torch) runs on the
-same machine. The two are timed in alternating rounds, so that load from other processes on a
-shared machine falls on both alike, and each reports the median of its per-step times.
+benchmarks/torch_reference.py (in the repository, not the package) runs the same benchmark
+with the PyTorch reference of the same layers beside it. The two are timed in alternating
+rounds, so that load from other processes on a shared machine falls on both alike, and each
+reports the median of its per-step times.
 """
 
 import contextlib
@@ -21,6 +22,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 from absl import flags
 
@@ -57,30 +59,14 @@ def synthetic_batch(trainer, seed: int = 0) -> dict:
 
     from cnn_jax import parallel
 
-    config = trainer.config
     rng = np.random.default_rng(seed)
-    shape = (config.batch_size, *trainer.input_shape[1:])
+    batch_size, classes = trainer.batch_size, trainer.experiment.source.classes
     local = {
-        "image": rng.standard_normal(shape, dtype=np.float32),
-        "label": rng.integers(0, config.num_classes, config.batch_size, dtype=np.int32),
+        "image": rng.standard_normal((batch_size, *trainer.input_shape[1:]), dtype=np.float32),
+        "label": rng.integers(0, classes, batch_size, dtype=np.int32),
     }
     sharding = parallel.batch_sharding(trainer.mesh)
     return jax.tree.map(lambda x: jax.device_put(x, sharding), local)
-
-
-def without_dataset(config):
-    """A copy of config that reads synthetic examples of its dataset's shape and classes in
-    place of the dataset itself (which may be ImageNet, not prepared on this machine)."""
-    from cnn_jax.data import datasets
-
-    spec = datasets.dataset_spec(config)
-    config = config.copy_and_resolve_references()
-    if config.dataset != "synthetic":
-        config.synthetic_channels = spec.channels
-        config.num_classes = spec.num_classes or config.num_classes
-        config.dataset = "synthetic"
-    config.synthetic_train_size = max(config.synthetic_train_size, config.batch_size)
-    return config
 
 
 def step_flops(compiled) -> float:
@@ -105,7 +91,7 @@ def input_rates(trainer, batches: int) -> tuple[float, float]:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
 
-    warmup = min(trainer.steps_per_epoch, 500) if trainer.config.cache else 3
+    warmup = min(trainer.steps_per_epoch, 500) if trainer.experiment.cache else 3
     stream = trainer.train_batches(0)
     for _ in range(warmup):
         next(stream)
@@ -113,7 +99,7 @@ def input_rates(trainer, batches: int) -> tuple[float, float]:
     for _ in range(batches):
         batch = next(stream)
     jax.block_until_ready(batch)
-    images = batches * trainer.config.batch_size
+    images = batches * trainer.batch_size
     return images / (time.perf_counter() - start), images / (cpu_seconds() - cpu)
 
 
@@ -124,31 +110,53 @@ def _median_spread(seconds: list[float]) -> tuple[float, float, float]:
     return statistics.median(ms), pick(0.1), pick(0.9)
 
 
-def run(config, *, steps=20, warmup=3, input_steps=50, with_torch=False, rounds=5,
-        peak_tflops=0.0) -> dict:  # fmt: skip
-    """Benchmark config's training step; returns the fields `main` prints as JSON."""
-    import jax
+def run(
+    config,
+    *,
+    steps=20,
+    warmup=3,
+    input_steps=50,
+    rounds=5,
+    peak_tflops=0.0,
+    reference: Callable | None = None,
+) -> dict:
+    """Benchmark config's training step; returns the fields `main` prints as JSON.
 
-    from cnn_jax import train
+    `reference(trainer)`, where given, makes another framework's trainer of the same model
+    (an object with `step() -> seconds` and `threads()`; benchmarks/torch_reference.py); the
+    two are then timed in alternating rounds."""
+    from cnn_jax import experiment, train
 
     if input_steps <= 0:  # the model's speed alone: no need to have, or prepare, the data
-        config = without_dataset(config)
-    trainer = train.Trainer(config)
-    config = trainer.config
-    reference = None  # built first: a model without a PyTorch reference fails before compiling
-    if with_torch:
-        from cnn_jax import benchmark_torch
-
-        reference = benchmark_torch.TorchTrainer(config, channels=trainer.input_shape[-1])
-    state = trainer.init_state()
-    batch = synthetic_batch(trainer)
-
+        config = experiment.with_synthetic_data(config)
+    trainer = train.build_trainer(config)
+    other = reference(trainer) if reference else None  # before compiling: it may refuse
+    state, batch = trainer.init_state(), synthetic_batch(trainer)
     start = time.perf_counter()
     compiled = trainer.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    devices = trainer.mesh.devices.size
-    # The compiled program is per device; the mesh's devices together run one global batch.
-    flops_per_image = step_flops(compiled) * devices / config.batch_size
+    jax_times, other_times = _alternate(compiled, state, batch, other, steps, warmup, rounds)
+    result = _result(trainer, jax_times, compile_s, step_flops(compiled), peak_tflops)
+    if other:
+        other_ms, t10, t90 = _median_spread(other_times)
+        result |= {
+            "torch_images_per_sec": trainer.batch_size / (other_ms / 1e3),
+            "torch_step_ms": other_ms,
+            "torch_step_ms_p10_p90": [t10, t90],
+            "torch_threads": other.threads(),
+            "ratio": other_ms / result["step_ms"],  # cnn_jax images/s over the reference's
+        }
+    if input_steps > 0:
+        wall, per_cpu = input_rates(trainer, input_steps)
+        result["input_images_per_sec"], result["input_images_per_cpu_sec"] = wall, per_cpu
+    return result
+
+
+def _alternate(compiled, state, batch, other, steps: int, warmup: int, rounds: int):
+    """Per-step seconds of the compiled step and of `other` (if any), after `warmup`
+    untimed steps each, in `rounds` alternating rounds (load on a shared machine then falls
+    on both alike)."""
+    import jax
 
     def jax_step():
         nonlocal state
@@ -159,31 +167,40 @@ def run(config, *, steps=20, warmup=3, input_steps=50, with_torch=False, rounds=
 
     for _ in range(warmup):
         jax_step()
-        if reference:
-            reference.step()
-
-    rounds = max(1, rounds if reference else 1)
+        if other:
+            other.step()
+    rounds = max(1, rounds if other else 1)
     per_round = max(1, math.ceil(steps / rounds))
-    jax_times, torch_times = [], []
+    jax_times, other_times = [], []
     for _ in range(rounds):
         jax_times += [jax_step() for _ in range(per_round)]
-        if reference:
-            torch_times += [reference.step() for _ in range(per_round)]
+        if other:
+            other_times += [other.step() for _ in range(per_round)]
+    return jax_times, other_times
 
-    step_ms, p10, p90 = _median_spread(jax_times)
-    images_per_sec = config.batch_size / (step_ms / 1e3)
+
+def _result(trainer, times: list[float], compile_s: float, flops: float, peak_tflops: float):
+    import jax
+    import jax.numpy as jnp
+
+    x, devices = trainer.experiment, trainer.mesh.devices.size
+    # The compiled program is per device; the mesh's devices together run one global batch.
+    flops_per_image = flops * devices / x.batch_size
+    step_ms, p10, p90 = _median_spread(times)
+    images_per_sec = x.batch_size / (step_ms / 1e3)
     device = jax.devices()[0]
-    peak = peak_flops_per_sec(device.device_kind, config.half_precision, peak_tflops)
+    half_precision = x.model.dtype == jnp.bfloat16
+    peak = peak_flops_per_sec(device.device_kind, half_precision, peak_tflops)
     achieved = flops_per_image * images_per_sec
-    result = {
-        "model": config.model,
-        "batch_size": config.batch_size,
-        "image_size": config.image_size,
-        "half_precision": bool(config.half_precision),
+    return {
+        "model": x.model_name,
+        "batch_size": x.batch_size,
+        "image_size": x.prep.image_size,
+        "half_precision": half_precision,
         "images_per_sec": images_per_sec,
         "step_ms": step_ms,
         "step_ms_p10_p90": [p10, p90],
-        "timed_steps": len(jax_times),
+        "timed_steps": len(times),
         "compile_s": compile_s,
         "flops_per_image": flops_per_image,
         "achieved_flops_per_sec": achieved,
@@ -192,48 +209,51 @@ def run(config, *, steps=20, warmup=3, input_steps=50, with_torch=False, rounds=
         "device_kind": device.device_kind,
         "device_count": devices,
         "backend": jax.default_backend(),
-        "dataset": config.dataset,
+        "dataset": x.source.name,
         "input_images_per_sec": None,
         "input_images_per_cpu_sec": None,
     }
-    if reference:
-        torch_ms, t10, t90 = _median_spread(torch_times)
-        result |= {
-            "torch_images_per_sec": config.batch_size / (torch_ms / 1e3),
-            "torch_step_ms": torch_ms,
-            "torch_step_ms_p10_p90": [t10, t90],
-            "torch_threads": reference.threads(),
-            "ratio": torch_ms / step_ms,  # cnn_jax images/s over PyTorch images/s
-        }
-    del state
-    if input_steps > 0:
-        wall, per_cpu = input_rates(trainer, input_steps)
-        result["input_images_per_sec"], result["input_images_per_cpu_sec"] = wall, per_cpu
-    return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, reference: Callable | None = None, doc: str = "") -> None:
     """Command line; takes argv (program name first) so tests can call it in-process. Its
-    flags live in their own FlagValues, so it never clashes with cnn_jax.main's."""
+    flags live in their own FlagValues, so it never clashes with cnn_jax.main's. `reference`
+    and `doc`: another framework's trainer and the usage text of the script that adds it
+    (benchmarks/torch_reference.py)."""
     argv = sys.argv if argv is None else argv
     fv = flags.FlagValues()
     cli.define_config_flag(fv, argv)
     # Bounds: a count out of range is one error line, not a silently different benchmark.
-    flags.DEFINE_integer("steps", 20, "Timed training steps per framework.", lower_bound=1,
-                         flag_values=fv)  # fmt: skip
-    flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling, per framework.",
-                         lower_bound=0, flag_values=fv)  # fmt: skip
-    flags.DEFINE_integer("input_steps", 50, "Timed input-pipeline batches; 0 skips them.",
-                         lower_bound=0, flag_values=fv)  # fmt: skip
-    flags.DEFINE_bool("torch", False, "Also time the PyTorch reference of the same layers.",
-                      flag_values=fv)  # fmt: skip
-    flags.DEFINE_integer("rounds", 5, "With --torch: alternate the frameworks this many times.",
-                         lower_bound=1, flag_values=fv)  # fmt: skip
-    flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s for MFU; 0: look it up.",
-                       flag_values=fv)  # fmt: skip
-    flags.register_validator("peak_tflops", lambda v: math.isfinite(v) and v >= 0,
-                             "must be a finite number >= 0", flag_values=fv)  # fmt: skip
-    if not cli.parse_tool_flags(argv, fv, __doc__):
+    flags.DEFINE_integer(
+        "steps", 20, "Timed training steps per framework.", lower_bound=1, flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "warmup", 3, "Untimed steps after compiling, per framework.", lower_bound=0, flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "input_steps",
+        50,
+        "Timed input-pipeline batches; 0 skips them.",
+        lower_bound=0,
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "rounds",
+        5,
+        "With a reference: alternate the two this many times.",
+        lower_bound=1,
+        flag_values=fv,
+    )
+    flags.DEFINE_float(
+        "peak_tflops", 0.0, "The device's peak TFLOP/s for MFU; 0: look it up.", flag_values=fv
+    )
+    flags.register_validator(
+        "peak_tflops",
+        lambda v: math.isfinite(v) and v >= 0,
+        "must be a finite number >= 0",
+        flag_values=fv,
+    )
+    if not cli.parse_tool_flags(argv, fv, doc or __doc__):
         return
 
     def body():
@@ -242,9 +262,15 @@ def main(argv: list[str] | None = None) -> None:
         # stdout carries the one JSON object; what a run says on the way (the mesh chosen,
         # a dataset being prepared) goes to stderr.
         with contextlib.redirect_stdout(sys.stderr):
-            result = run(fv.config, steps=fv.steps, warmup=fv.warmup,
-                         input_steps=fv.input_steps, with_torch=fv.torch, rounds=fv.rounds,
-                         peak_tflops=fv.peak_tflops)  # fmt: skip
+            result = run(
+                fv.config,
+                steps=fv.steps,
+                warmup=fv.warmup,
+                input_steps=fv.input_steps,
+                rounds=fv.rounds,
+                peak_tflops=fv.peak_tflops,
+                reference=reference,
+            )
         print(json.dumps(result))
 
     cli.run(body, fv.config)

@@ -2,7 +2,9 @@
 
 The state holds everything a resumed run needs (parameters, optimiser state with the
 plateau factor, step, RNG key); the data position is a function of the step
-(cnn_jax.data.pipeline), so a checkpoint is one pytree and nothing else.
+(cnn_jax.data.pipeline), so a checkpoint is one pytree and nothing else. A run saves and
+restores through Checkpointer; everything else that reads a checkpoint (VGG's warm start,
+cnn_jax.visualize) reads part of one, without writing, through read_newest.
 
 What a run can rely on:
 - A save is atomic: Orbax writes STEP.orbax-checkpoint-tmp and renames it to STEP only when
@@ -29,17 +31,17 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
 from cnn_jax import errors
-from cnn_jax.errors import RunFailure
-
-CONFIG_FILE = "config.json"  # the resolved config of the latest run in a workdir
-CORRUPT_DIR = "corrupt_checkpoints"  # unrestorable checkpoints are moved here, not deleted
+from cnn_jax.errors import RunFailure, UserError
+from cnn_jax.paths import CHECKPOINTS_DIR, CONFIG_FILE, CORRUPT_DIR
 
 
 def _remove_unfinished_saves(directory: str) -> None:
@@ -160,9 +162,10 @@ class Checkpointer:
             free = shutil.disk_usage(self.directory).free
         if not _on_every_process(free >= needed):
             raise OSError(
-                errno.ENOSPC, f"No space left on device: {free / 2**20:.1f} MiB free in "
-                f"{self.directory}, a checkpoint needs about {needed / 2**20:.1f} MiB"
-            )  # fmt: skip
+                errno.ENOSPC,
+                f"No space left on device: {free / 2**20:.1f} MiB free in {self.directory}, "
+                f"a checkpoint needs about {needed / 2**20:.1f} MiB",
+            )
 
     def wait(self) -> None:
         """Block until the last save is on disk (its errors surface here)."""
@@ -252,13 +255,96 @@ class StopSignal:
         return self.reason is not None
 
 
-def write_config(config, workdir: str) -> None:
-    """WORKDIR/config.json, written atomically (a kill mid-write leaves the old one)."""
+def checkpoint_directory(path: str) -> str:
+    """A workdir's checkpoints/ folder, or `path` itself if it is one; absolute."""
+    inner = os.path.join(path, CHECKPOINTS_DIR)
+    return os.path.abspath(inner if os.path.isdir(inner) else path)
+
+
+def on_one_device(saved):
+    """`select` for read_newest: every array of `saved` onto this machine's first device,
+    whatever mesh wrote it (a checkpoint from 8 devices or a TPU slice opens on a laptop)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+
+
+def read_newest(path: str, select, *, flag: str) -> tuple[int, dict]:
+    """(step, arrays) read from the newest checkpoint under `path` (a workdir or its
+    checkpoints/ folder), without writing to it: a run still training there keeps its
+    in-flight saves.
+
+    `select(saved)` gets the saved TrainState as a tree of dicts whose leaves have the arrays'
+    `shape` and `dtype`, and returns the part of it to read: a tree of the same nesting with
+    jax.ShapeDtypeStruct leaves (dtype and sharding to read into; on_one_device makes them).
+    Nothing else is read; an empty selection reads nothing. Errors are one line that begins
+    with `flag={path}`: UserError when there is no checkpoint, RunFailure when the newest one
+    does not restore (a truncated or missing file). `select` may raise its own UserError.
+    """
+    directory = checkpoint_directory(path)
+    if not os.path.isdir(directory):
+        raise UserError(f"{flag}={path}: no checkpoint in {directory} (no such directory)")
+    with _quiet():  # orbax logs a WARNING for each option read_only overrides
+        manager = ocp.CheckpointManager(
+            directory,
+            item_names=("state",),
+            # The PyTree handler reads the Checkpointer's StandardSave format, and a part of it.
+            item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+            options=ocp.CheckpointManagerOptions(read_only=True),
+        )
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise UserError(f"{flag}={path}: no checkpoint in {directory}")
+
+        def unreadable(error: Exception) -> RunFailure:
+            return RunFailure(
+                f"{flag}={path}: the checkpoint of step {step} in {directory} does not "
+                f"restore: {innermost_message(error)}"
+            )
+
+        try:
+            saved = manager.item_metadata(step)["state"].tree
+        except Exception as e:  # Orbax: a missing or unreadable metadata file
+            raise unreadable(e) from e
+        wanted = select(saved)
+        if not jax.tree.leaves(wanted):
+            return step, {}
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), wanted)
+        hide_abandoned_read_reports()  # of a restore that fails: our line says it
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=wanted, restore_args=restore_args, partial_restore=True
+                    )
+                ),
+            )
+        except Exception as e:  # Orbax/TensorStore: a truncated or missing array file
+            raise unreadable(e) from e
+        return step, dict(restored["state"])
+    finally:
+        manager.close()
+
+
+@contextlib.contextmanager
+def _quiet():
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
+def write_config(record: dict, workdir: str) -> None:
+    """WORKDIR/config.json (`record`: the resolved config's dict), written atomically (a kill
+    mid-write leaves the old one)."""
     if jax.process_index() != 0:
         return
     path = os.path.join(workdir, CONFIG_FILE)
     with open(path + ".tmp", "w") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
+        json.dump(record, f, indent=2, sort_keys=True, default=str)
     os.replace(path + ".tmp", path)
 
 
@@ -281,6 +367,8 @@ def saved_config(workdir: str) -> dict | None:
 
 
 _ORBAX_DIR = os.path.dirname(ocp.__file__)
+# Orbax's per-array read coroutines (orbax/checkpoint/_src/serialization/serialization.py).
+_ORBAX_READ_COROUTINES = ("_read_array_index_and_device_put",)
 
 
 def hide_abandoned_read_reports() -> None:
@@ -310,6 +398,13 @@ def hide_abandoned_read_reports() -> None:
     hook.drops_abandoned_reads = True
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(_drop_unretrieved_orbax_errors)
+    # A read Orbax had scheduled but not started when it gave up is collected unawaited,
+    # possibly only at exit ("sys:1: RuntimeWarning: coroutine ... was never awaited").
+    warnings.filterwarnings(
+        "ignore",
+        message=f"coroutine '({'|'.join(_ORBAX_READ_COROUTINES)})' was never awaited",
+        category=RuntimeWarning,
+    )
 
 
 def _drop_unretrieved_orbax_errors(record: logging.LogRecord) -> bool:

@@ -24,7 +24,9 @@ def _fail(message: str, status: int = USAGE_EXIT) -> None:
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
     """absl's parser, but a bad flag, unreadable config file or unknown config field is one
-    line on stderr and exit 2 instead of a traceback."""
+    line on stderr and exit 2 instead of a traceback. A field's name from before the config
+    had groups (`--config.learning_rate`) is one line naming its new place."""
+    _check_renamed_fields(argv)
     try:
         rest = flag_values(argv)
     except UserError as e:  # raised by a config's get_config (e.g. configs/vgg.py:F)
@@ -34,7 +36,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     except (AttributeError, KeyError) as e:  # --config.FIELD=... naming no field, or a bug
         override = _override_named(argv, str(e))  # in a config file's get_config
         if override:
-            _fail(f"{override}: no such config field (see cnn_jax/defaults.py)")
+            _fail(f"{override}: no such config field (see cnn_jax/defaults.py, docs/config.md)")
         _fail(f"could not load the config: {_load_failure(e)}")
     except Exception as e:  # a config file that does not load (syntax error, missing file)
         _fail(f"could not load the config: {_load_failure(e)}")
@@ -42,12 +44,29 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     return rest
 
 
+def _check_renamed_fields(argv: list[str]) -> None:
+    from cnn_jax.defaults import RENAMED
+
+    for arg in argv[1:]:
+        flag = arg.split("=")[0]
+        if flag.startswith("--config.") and flag.count(".") == 1:
+            old = flag.removeprefix("--config.")
+            if old in RENAMED:
+                _fail(
+                    f"{flag} is now --config.{RENAMED[old]} (the config's fields are grouped; "
+                    "see cnn_jax/defaults.py)"
+                )
+
+
 def define_config_flag(flag_values: flags.FlagValues, argv: list[str]) -> None:
     """--config for a tool with its own FlagValues (benchmark, summary, data.cache)."""
     config_flags.DEFINE_config_file(
-        "config", None, "A configs/*.py file[:arg]; every field overridable.",
-        flag_values=flag_values, sys_argv=argv,  # where config_flags finds --config.FIELD
-    )  # fmt: skip
+        "config",
+        None,
+        "A configs/*.py file[:arg]; every field overridable.",
+        flag_values=flag_values,
+        sys_argv=argv,  # where config_flags finds --config.FIELD
+    )
 
 
 def parse_tool_flags(argv: list[str], flag_values: flags.FlagValues, doc: str) -> bool:
@@ -93,7 +112,7 @@ def _load_failure(error: Exception) -> str:
 
 def setup_runtime(config=None) -> None:
     """Before JAX touches a device: hide accelerators from TensorFlow (tf.data only), split
-    the CPU cores into devices (`config.cpu_devices`), and join a multi-process job when
+    the CPU cores into devices (`config.mesh.cpu_devices`), and join a multi-process job when
     launched as one."""
     # Orbax and TFDS log routine events at INFO and WARNING (every save and read, a
     # read-only manager, a dataset folder being prepared); cnn_jax says what matters itself.
@@ -107,16 +126,15 @@ def setup_runtime(config=None) -> None:
     if _launched_as_multi_process():
         jax.distributed.initialize(**_process_args())
     elif config is not None:
-        split_cpu_cores(config)
+        split_cpu_cores(config.mesh.cpu_devices, config.input.batch_size, config.mesh.model)
 
 
-def split_cpu_cores(config) -> None:
-    """config.cpu_devices XLA CPU devices (0: one per core, as many as divide the batch).
+def split_cpu_cores(cpu_devices: int, batch_size: int, model_axis: int) -> None:
+    """`cpu_devices` XLA CPU devices (0: one per core, as many as divide the batch).
 
     The mesh's data axis then runs a share of the batch on each. XLA:CPU's threading inside
-    one device gains little on small layers (LeNet-5, batch 128, 2 cores: ~19 ms a step as one
-    device, ~14 ms as two), while big ones use it well and need no gradient all-reduce
-    (AlexNet, batch 32: ~1.65 s as one device, ~1.9 s as two; README, Performance). Only the
+    one device gains little on small layers (LeNet-5), while big ones use it well and need no
+    gradient all-reduce (AlexNet; measured in docs/performance.md). Only the
     CPU backend reads this: GPU and TPU runs are unchanged, and an explicit
     XLA_FLAGS=--xla_force_host_platform_device_count wins.
     """
@@ -124,10 +142,10 @@ def split_cpu_cores(config) -> None:
 
     from cnn_jax import validation
 
-    validation.check_cpu_devices(config)
+    validation.check_cpu_devices(cpu_devices)
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return
-    count = config.cpu_devices or _cores_dividing(config.batch_size, config.mesh_model)
+    count = cpu_devices or _cores_dividing(batch_size, model_axis)
     if count > 1:
         jax.config.update("jax_num_cpu_devices", count)
 
@@ -137,8 +155,11 @@ def _cores_dividing(batch_size: int, model_axis: int) -> int:
     groups (AlexNet's towers)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     model_axis = max(1, model_axis)
-    fits = [n for n in range(model_axis, (cores or 1) + 1, model_axis)
-            if batch_size % (n // model_axis) == 0]  # fmt: skip
+    fits = [
+        n
+        for n in range(model_axis, (cores or 1) + 1, model_axis)
+        if batch_size % (n // model_axis) == 0
+    ]
     return max(fits, default=1)
 
 
@@ -174,8 +195,13 @@ def _launched_as_multi_process() -> bool:
 
 # What JAX's SLURM detection reads (jax/_src/clusters/slurm_cluster.py); srun sets all five
 # for every task of a step.
-_SLURM_TASK_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-                         "SLURM_LOCALID")  # fmt: skip
+_SLURM_TASK_VARIABLES = (
+    "SLURM_JOB_ID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+)
 
 
 def _slurm_step_tasks() -> int:
@@ -192,12 +218,22 @@ def _slurm_step_tasks() -> int:
     return int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
 
 
-def run(fn: Callable[[], object], config=None, interrupted: str = "interrupted") -> None:
+# What Ctrl-C while JAX and TensorFlow load says for cnn_jax.main (from the workdir's lock on,
+# cnn_jax.train says it): `interrupted=BEFORE_THE_RUN` picks the line for the config's mode.
+BEFORE_THE_RUN = {
+    False: "interrupted before training started; nothing was saved",
+    True: "interrupted; the evaluation wrote nothing",  # eval.only
+}
+
+
+def run(fn: Callable[[], object], config=None, interrupted: str | dict = "interrupted") -> None:
     """Run an entry point's body. A UserError becomes one line and its exit status (2 for bad
     input, 1 for a run that cannot go on); so does a full disk, wherever a write hit it.
     Ctrl-C is one line and exit status 130: `interrupted`, at once (errors.exit_interrupted),
     unless the training loop took SIGINT over to save first (errors.Interrupted says what).
     `config`, where the entry point has one, sets the runtime up for it (CPU devices)."""
+    if isinstance(interrupted, dict):
+        interrupted = interrupted[bool(config.eval.only)]
     previous = None
     usable = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # a background job's is
     if usable and threading.current_thread() is threading.main_thread():

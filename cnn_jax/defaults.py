@@ -1,108 +1,176 @@
-"""The one default configuration every config file in `configs/` starts from.
+"""The default configuration every config file in `configs/` starts from.
 
-Every field here can be overridden on the command line (`--config.FIELD=VALUE`), so a field
-exists only if some code reads it. Config files change values, never the set of fields, so a
-typo on the command line fails loudly instead of being ignored.
+Fields are grouped by the part of the package that owns them; cnn_jax.experiment hands each
+group to its owner as arguments, so no layer, op or loss ever sees the whole config:
+
+    model   the network: `name` (cnn_jax.models.MODELS) and that model's own fields
+    data    where examples come from (cnn_jax.data.datasets.Source)
+    input   how they become batches: size, preprocessing op and its parameters, shuffling
+    optim   optimiser and learning-rate policy (cnn_jax.optim)
+    loss    the training criterion (cnn_jax.losses)
+    mesh    the (data, model) device mesh and how steps are compiled over it
+    eval    which evaluators run (cnn_jax.evaluate) and how often
+    run     the loop: length, seed, precision, logging, checkpoints
+
+Every field can be overridden on the command line (`--config.GROUP.FIELD=VALUE`). Config files
+change values, never the set of fields (the model group is the model's own: its fields come
+from its registry entry), so a typo fails loudly instead of being ignored. A run records the
+resolved copy of its config (placeholders filled, the dataset's class count) in config.json;
+the user's config is never changed.
 """
 
 import ml_collections
 
+from cnn_jax import models
 
-def get_default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
+# The flat field names of cnn_jax before the groups, and where each one went; an old name on
+# the command line is one error line that names the new field (cnn_jax.cli).
+RENAMED = {
+    "model": "model.name", "vgg_variant": "model.variant", "batch_norm": "model.batch_norm",
+    "dropout_rate": "model.dropout_rate", "width_divisor": "model.width_divisor",
+    "warm_start_from": "model.warm_start_from", "num_classes": "data.num_classes",
+    "dataset": "data.name", "data_dir": "data.data_dir", "manual_dir": "data.manual_dir",
+    "synthetic_train_size": "data.synthetic_train_size",
+    "synthetic_eval_size": "data.synthetic_eval_size",
+    "synthetic_channels": "data.synthetic_channels", "batch_size": "input.batch_size",
+    "image_size": "input.image_size", "preprocess": "input.preprocess",
+    "lenet_distortions": "input.lenet_distortions", "train_scale_min": "input.train_scale_min",
+    "train_scale_max": "input.train_scale_max", "pca_lighting_std": "input.pca_lighting_std",
+    "cache": "input.cache", "shuffle_buffer": "input.shuffle_buffer", "optimizer": "optim.name",
+    "learning_rate": "optim.learning_rate", "momentum": "optim.momentum",
+    "nesterov": "optim.nesterov", "weight_decay": "optim.weight_decay",
+    "lr_schedule": "optim.schedule", "step_epochs": "optim.step_epochs",
+    "step_factor": "optim.step_factor", "warmup_epochs": "optim.warmup_epochs",
+    "plateau_patience": "optim.plateau_patience", "plateau_max_drops": "optim.plateau_max_drops",
+    "plateau_min_delta": "optim.plateau_min_delta", "loss": "loss.name",
+    "lenet_map_j": "loss.lenet_map_j", "mesh_data": "mesh.data", "mesh_model": "mesh.model",
+    "cpu_devices": "mesh.cpu_devices", "spmd": "mesh.spmd", "eval_mode": "eval.evaluators",
+    "eval_scales": "eval.dense_scales", "eval_every_epochs": "eval.every_epochs",
+    "eval_only": "eval.only", "seed": "run.seed", "num_epochs": "run.num_epochs",
+    "num_train_steps": "run.num_train_steps", "half_precision": "run.half_precision",
+    "log_every_steps": "run.log_every_steps",
+    "checkpoint_every_steps": "run.checkpoint_every_steps",
+    "keep_checkpoints": "run.keep_checkpoints", "progress_bar": "run.progress_bar",
+    "debug_inject_nan_at_step": "run.debug_inject_nan_at_step",
+}  # fmt: skip
 
-    # --- Model -------------------------------------------------------------------------------
-    # One of cnn_jax.models.MODELS: lenet5, lenet5_modern, alexnet, alexnet_single_tower, vgg.
-    c.model = "lenet5"
-    # VGG configuration of the paper's Table 1: A, A-LRN, B, C, D, E (only read when model=vgg).
-    c.vgg_variant = "D"
-    c.batch_norm = False  # VGG only: the modern batch-norm variants (not in the paper).
-    c.dropout_rate = 0.5
-    # AlexNet and VGG: every conv and FC width divided by this (1, 2, 4, 8, 16); 1 is the paper.
-    # For tests and quick CPU runs (AlexNet at 8: towers of 6/16/24/24/16 maps, FC 512; VGG at
-    # 16: 4..32 maps, FC 256).
-    c.width_divisor = 1
-    # Classes of synthetic data. Real datasets define their own and overwrite this field when
-    # the run starts (config.json records the value used).
-    c.num_classes = 10
-    # Loss over the model's output scores: cross_entropy, or lenet_map (LeNet-5 paper eq. 9).
-    c.loss = "cross_entropy"
-    c.lenet_map_j = 1.0  # the positive constant j of LeNet-5's MAP criterion (paper, Sec. II-C).
-    # Path of a trained VGG-A checkpoint directory to warm-start a deeper VGG from (paper Sec. 3.1).
-    c.warm_start_from = ""
 
-    # --- Data --------------------------------------------------------------------------------
+def get_default_config(model: str = "lenet5") -> ml_collections.ConfigDict:
+    """The defaults, with `model`'s own fields in the model group."""
+    return ml_collections.ConfigDict(
+        {
+            # The model's name and its own fields, with their defaults (models.ModelSpec).
+            "model": models.model_config(model),
+            "data": _data(),
+            "input": _input(),
+            "optim": _optim(),
+            "loss": _loss(),
+            "mesh": _mesh(),
+            "eval": _eval(),
+            "run": _run(),
+        }
+    )
+
+
+def _data() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
     # bundled_digits (ships with the package), mnist, cifar10, imagenette, imagenet2012,
-    # image_folder, synthetic. See cnn_jax/data/datasets.py.
-    c.dataset = "bundled_digits"
-    c.data_dir = ""  # TFDS data_dir; empty: $TFDS_DATA_DIR or ~/tensorflow_datasets.
-    c.manual_dir = ""  # TFDS manual_dir (imagenet2012) or the root of an image_folder dataset.
-    c.image_size = 32  # the model's input side in pixels.
-    c.preprocess = "lenet"  # a name in cnn_jax.data.preprocess.PREPROCESSORS.
-    c.lenet_distortions = False  # LeNet-5's random affine distortions (the paper's 0.8% run).
-    # preprocess=vgg: training scale S, the shorter side before the 224 crop, drawn per image
-    # from [min, max] (VGG Sec. 3.1 scale jittering: 256, 512); equal values train at a fixed S
-    # (the paper's 256 or 384). Sides are quoted at a 224 crop and scaled with image_size.
-    c.train_scale_min = 256
-    c.train_scale_max = 512
-    # preprocess=alexnet/vgg: standard deviation of AlexNet's PCA colour shift (Sec. 4.1: 0.1);
-    # 0 turns it off.
-    c.pca_lighting_std = 0.1
-    c.cache = True  # cache decoded examples in memory (small datasets).
-    c.shuffle_buffer = 0  # 0: the whole (per-process) training split.
-    c.synthetic_train_size = 1024
-    c.synthetic_channels = 3
-    c.synthetic_eval_size = 256
+    # image_folder, synthetic (cnn_jax/data/datasets.py).
+    d.name = "bundled_digits"
+    d.data_dir = ""  # TFDS data_dir; empty: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+    d.manual_dir = ""  # TFDS manual_dir (imagenet2012), or an image_folder's root.
+    # Classes of synthetic data. Real datasets have their own count, which config.json records.
+    d.num_classes = 10
+    d.synthetic_train_size = 1024
+    d.synthetic_eval_size = 256
+    d.synthetic_channels = 3
+    return d
 
-    # --- Optimisation ------------------------------------------------------------------------
-    c.batch_size = 128  # global batch, split over the mesh's data axis.
-    c.num_epochs = 10.0
-    c.num_train_steps = -1  # > 0 overrides num_epochs.
-    c.optimizer = "sgd"  # sgd (with momentum), adam.
-    c.learning_rate = 0.01
-    c.momentum = 0.9
-    c.nesterov = False
-    c.weight_decay = 0.0
+
+def _input() -> ml_collections.ConfigDict:
+    i = ml_collections.ConfigDict()
+    i.batch_size = 128  # global batch, split over the mesh's data axis.
+    i.image_size = 32  # the model's input side in pixels.
+    i.preprocess = "lenet"  # cnn_jax.data.preprocess.PREPROCESSORS.
+    i.lenet_distortions = False  # lenet: the paper's random affine distortions (0.8% run).
+    # vgg: training scale S, the shorter side before the crop, drawn per image from [min, max]
+    # (VGG Sec. 3.1 scale jittering: 256, 512); equal values train at a fixed S (the paper's
+    # 256 or 384). Sides are quoted at a 224 crop and scaled with image_size.
+    i.train_scale_min = 256
+    i.train_scale_max = 512
+    # alexnet, vgg: standard deviation of AlexNet's PCA colour shift (Sec. 4.1: 0.1); 0: off.
+    i.pca_lighting_std = 0.1
+    i.cache = True  # keep decoded examples in memory (small datasets).
+    i.shuffle_buffer = 0  # 0: the whole (per-process) training split.
+    return i
+
+
+def _optim() -> ml_collections.ConfigDict:
+    o = ml_collections.ConfigDict()
+    o.name = "sgd"  # sgd (with momentum), adam.
+    o.learning_rate = 0.01
+    o.momentum = 0.9
+    o.nesterov = False
+    o.weight_decay = 0.0
     # constant, step (x step_factor at each step_epochs), cosine, plateau (x0.1 when eval
     # accuracy stops improving for plateau_patience evals, at most plateau_max_drops times).
-    c.lr_schedule = "constant"
-    c.step_epochs = (10.0, 20.0, 30.0)
-    c.step_factor = 0.1
-    c.warmup_epochs = 0.0
-    c.plateau_patience = 2
-    c.plateau_max_drops = 3
-    c.plateau_min_delta = 1e-4
-    # bfloat16 compute with float32 master weights and loss. Unset (None): resolved when the
-    # run starts, True on GPU/TPU, False on CPU (no bfloat16 arithmetic on most CPUs: there it
-    # only adds conversions; README, Performance). config.json records the value used.
-    c.half_precision = ml_collections.config_dict.placeholder(bool)
+    o.schedule = "constant"
+    o.step_epochs = (10.0, 20.0, 30.0)
+    o.step_factor = 0.1
+    o.warmup_epochs = 0.0
+    o.plateau_patience = 2
+    o.plateau_max_drops = 3
+    o.plateau_min_delta = 1e-4
+    return o
 
-    # --- Parallelism -------------------------------------------------------------------------
+
+def _loss() -> ml_collections.ConfigDict:
+    loss = ml_collections.ConfigDict()
+    loss.name = "cross_entropy"  # or lenet_map (LeNet-5 paper eq. 9).
+    loss.lenet_map_j = 1.0  # lenet_map: the positive constant j (LeNet-5 Sec. II-C).
+    return loss
+
+
+def _mesh() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
     # The mesh is (data, model). model=2 splits AlexNet's towers over devices; 0 chooses per
-    # machine: a device per tower where the device count and batch allow, else 1, and the
-    # run says which (configs/alexnet.py). data=-1 uses every remaining device.
-    c.mesh_data = -1
-    c.mesh_model = 1
+    # machine: a device per tower where the device count and batch allow, else 1, and the run
+    # says which (configs/alexnet.py). data=-1 uses every remaining device.
+    m.data = -1
+    m.model = 1
     # CPU-only runs: how many XLA devices the cores are split into (the mesh's devices).
     # 1: one device whose operations use every core (best for big layers: AlexNet);
-    # 0: one device per core, as many as divide batch_size (best for small ones: LeNet-5).
+    # 0: one device per core, as many as divide the batch (best for small ones: LeNet-5).
     # XLA_FLAGS=--xla_force_host_platform_device_count=N, where set, takes precedence.
-    c.cpu_devices = 1
-    c.spmd = "shard_map"  # shard_map, or pmap (the classic path; must agree).
+    m.cpu_devices = 1
+    m.spmd = "shard_map"  # shard_map, or pmap (the classic path; the same step).
+    return m
 
-    # --- Loop, logging and checkpoints -------------------------------------------------------
-    c.seed = 0
-    c.log_every_steps = 50
-    c.eval_every_epochs = 1.0
-    c.checkpoint_every_steps = 500
-    c.keep_checkpoints = 3
-    c.progress_bar = True
+
+def _eval() -> ml_collections.ConfigDict:
+    e = ml_collections.ConfigDict()
+    # Comma-separated names in cnn_jax.evaluate.EVALUATORS, run at every evaluation; the first
+    # is the one the plateau schedule and eval_results.json follow. center: one centre crop;
+    # ten_crop: AlexNet Sec. 4.1; dense: VGG Sec. 3.2, at each of dense_scales.
+    e.evaluators = "center"
+    e.dense_scales = (256, 384, 512)  # dense: VGG's test scales Q (quoted at a 224 crop).
+    e.every_epochs = 1.0
     # Evaluate the latest checkpoint in workdir, write metrics.jsonl and eval_results.json, stop.
-    c.eval_only = False
-    # center: one centre crop. ten_crop: AlexNet Sec. 4.1, four corner and the centre crops
-    # and their mirror images, softmax averaged. dense: VGG Sec. 3.2, the net applied
-    # convolutionally at each eval_scales Q and mirrored, softmax averaged (cnn_jax/evaluate.py).
-    c.eval_mode = "center"
-    c.eval_scales = (256, 384, 512)  # dense: VGG's test scales Q (quoted at a 224 crop).
-    c.debug_inject_nan_at_step = -1  # fault testing: make the loss NaN at this step.
-    return c
+    e.only = False
+    return e
+
+
+def _run() -> ml_collections.ConfigDict:
+    r = ml_collections.ConfigDict()
+    r.seed = 0
+    r.num_epochs = 10.0
+    r.num_train_steps = -1  # > 0 overrides num_epochs.
+    # bfloat16 compute with float32 master weights and loss. Unset (None): resolved when the
+    # run starts, True on GPU/TPU, False on CPU (docs/performance.md).
+    r.half_precision = ml_collections.config_dict.placeholder(bool)
+    r.log_every_steps = 50
+    r.checkpoint_every_steps = 500
+    r.keep_checkpoints = 3
+    r.progress_bar = True
+    r.debug_inject_nan_at_step = -1  # fault testing: make the loss NaN at this step.
+    return r

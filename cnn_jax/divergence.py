@@ -9,7 +9,7 @@ log_every_steps steps late, and no checkpoint ever holds a non-finite state. Che
 step would name it a few steps sooner at the price of a host sync per step, which stalls the
 device queue.
 
-Steps are numbered as in --config.debug_inject_nan_at_step: step s is the update that turns
+Steps are numbered as in --config.run.debug_inject_nan_at_step: step s is the update that turns
 the state after s steps (checkpoint step s) into the state after s + 1.
 """
 
@@ -58,5 +58,5 @@ def _stop(step: int, what: str, last_checkpoint: int | None) -> None:
     )
     raise RunFailure(
         f"training diverged at step {step}: {what}; nothing after it was saved, {kept} "
-        "(lower --config.learning_rate if it happens again)"
+        "(lower --config.optim.learning_rate if it happens again)"
     )

@@ -47,8 +47,11 @@ def exit_interrupted(message: str, *signal_args) -> None:
 # Where a write fails for lack of space: Python's OSError, or TensorStore (Orbax's array
 # writer), which reports it as a ValueError whose text carries the OS error code.
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded",
-                   f"os_error_code='{errno.ENOSPC}'")  # fmt: skip
+_DISK_FULL_TEXT = (
+    "No space left on device",
+    "Disk quota exceeded",
+    f"os_error_code='{errno.ENOSPC}'",
+)
 
 
 def is_disk_full(error: BaseException) -> bool:

@@ -1,43 +1,69 @@
-"""Evaluation as the papers did it, beyond one centre crop.
+"""Evaluators: the papers' ways of testing a trained net, behind one interface.
 
+    center     one centre crop.
     ten_crop   AlexNet Sec. 4.1: "the network makes a prediction by extracting five 224x224
                patches (the four corner patches and the center patch) as well as their
                horizontal reflections (hence ten patches in all), and averaging the predictions
                made by the network's softmax layer on the ten patches."
     dense      VGG Sec. 3.2: the fully-connected layers become convolutions, the net runs over
                the whole image rescaled to shorter side Q, the class score map is spatially
-               averaged; the image and its mirror image at every Q in eval_scales give soft-max
-               posteriors that are averaged (Sec. 4.2, multi-scale).
-    center     one centre crop: cnn_jax.train.eval_step.
+               averaged; the image and its mirror image at every Q in dense_scales give
+               soft-max posteriors that are averaged (Sec. 4.2, multi-scale).
 
-The eval pipeline (cnn_jax.data.preprocess.eval_views) delivers the rescaled squares; the
-crops, mirrors and rescaled applications happen here, on the device. Each step is a
-per-device function compiled over the mesh like train.eval_step: it returns sums over this
-device's examples (padding has mask 0), summed over 'data'. The reported `loss` of these
-modes is -log of the averaged posterior of the true class.
+An evaluator names the views an eval batch must carry (`views`: batch key -> square side, or
+None for the preprocessing's centre view) and gives a per-device `step` that returns metric
+sums over this device's examples (padding has mask 0), summed over 'data'. cnn_jax.train
+binds it to the mesh and the eval pipeline (`bind`), after which `run(state)` evaluates the
+whole split. The reported `loss` of the multi-view evaluators is -log of the averaged
+posterior of the true class; the centre crop's is the training loss.
 
-`evaluate_checkpoint` is the eval_only mode: the latest checkpoint in a workdir, evaluated and
-written down.
+A new evaluator is one class here and one EVALUATORS line.
 """
 
+import dataclasses
 import json
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cnn_jax import losses, reporting
-from cnn_jax.data import datasets, preprocess
+from cnn_jax import losses, paths, reporting
+from cnn_jax.data import preprocess
 from cnn_jax.errors import UserError
 from cnn_jax.parallel import DATA_AXIS
 
 
-def _variables(state) -> dict:
-    variables = {"params": state.params}
+def variables(state) -> dict:
+    """The Flax variables of a TrainState: its params, and batch statistics where it has them."""
+    found = {"params": state.params}
     if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-    return variables
+        found["batch_stats"] = state.batch_stats
+    return found
+
+
+def metric_sums(scores, labels, mask, per_example_loss, *, top5: bool) -> dict:
+    """Sums of loss, top-1 (and top-5, where there are more than 5 classes) over the unmasked
+    examples of this device, summed over 'data'."""
+    sums = {
+        "loss": jnp.sum(per_example_loss * mask),
+        "accuracy": jnp.sum(losses.topk_correct(scores, labels, 1) * mask),
+        "count": jnp.sum(mask),
+    }
+    if top5:
+        sums["top5_accuracy"] = jnp.sum(losses.topk_correct(scores, labels, 5) * mask)
+    return lax.psum(sums, DATA_AXIS)
+
+
+def _posterior_sums(probs, batch, top5: bool) -> dict:
+    true_prob = jnp.take_along_axis(probs, batch["label"][:, None], axis=-1)[:, 0]
+    nll = -jnp.log(jnp.maximum(true_prob, 1e-30))
+    return metric_sums(probs, batch["label"], batch["mask"], nll, top5=top5)
+
+
+def _posteriors(scores: jax.Array) -> jax.Array:
+    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
 
 
 def _mirror(images: jax.Array) -> jax.Array:
@@ -54,84 +80,156 @@ def ten_crop_views(images: jax.Array, crop: int) -> jax.Array:
     return jnp.stack(five + [_mirror(v) for v in five])
 
 
-def _sums(probs: jax.Array, labels: jax.Array, mask: jax.Array, config) -> dict:
-    """Metric sums of averaged posteriors, summed over 'data'."""
-    true_prob = jnp.take_along_axis(probs, labels[:, None], axis=-1)[:, 0]
-    sums = {
-        "loss": jnp.sum(-jnp.log(jnp.maximum(true_prob, 1e-30)) * mask),
-        "accuracy": jnp.sum(losses.topk_correct(probs, labels, 1) * mask),
-        "count": jnp.sum(mask),
-    }
-    if config.num_classes > 5:  # as train.eval_step: top-5 only where it means something
-        sums["top5_accuracy"] = jnp.sum(losses.topk_correct(probs, labels, 5) * mask)
-    return lax.psum(sums, DATA_AXIS)
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+    """The shared part: what every evaluator is built from, and `run` once bound."""
+
+    model: object
+    loss: Callable | None
+    prep: preprocess.Preprocessing
+    top5: bool
+    dense_model: bool = False  # the model has VGG's dense=True path
+    dense_scales: tuple[int, ...] = ()
+    name = ""
+    _run: Callable | None = None
+
+    @property
+    def views(self) -> dict[str, int | None]:
+        raise NotImplementedError
+
+    def step(self, state, batch: dict) -> dict:
+        raise NotImplementedError
+
+    def bind(self, compile_step: Callable, batches: Callable) -> "Evaluator":
+        """This evaluator with `run`: compile_step(step, batch_keys) gives the step compiled
+        over the mesh; batches(views) the global eval batches."""
+        compiled = []  # compiled at the first run, on the mesh of that moment
+
+        def run(state) -> dict:
+            if not compiled:
+                compiled.append(compile_step(self.step, (*self.views, "label", "mask")))
+            totals = None
+            for batch in batches(self.views):
+                sums = compiled[0](state, batch)
+                totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+            totals = jax.device_get(totals)
+            count = totals.pop("count")
+            return {k: float(v / count) for k, v in totals.items()}
+
+        return dataclasses.replace(self, _run=run)
+
+    def run(self, state) -> dict:
+        if self._run is None:
+            raise RuntimeError("Evaluator.run before bind")
+        return self._run(state)
+
+    def _needs_multi_view(self) -> None:
+        if self.prep.spec.normalise is None:
+            multi = [n for n, s in preprocess.PREPROCESSORS.items() if s.normalise is not None]
+            raise UserError(
+                f"--config.eval.evaluators={self.name} needs --config.input.preprocess in: "
+                f"{', '.join(multi)} (not {self.prep.name!r})"
+            )
 
 
-def _posteriors(scores: jax.Array) -> jax.Array:
-    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+@dataclasses.dataclass(frozen=True)
+class CenterCrop(Evaluator):
+    name = "center"
+
+    @property
+    def views(self):
+        return {"image": None}
+
+    def step(self, state, batch):
+        scores = self.model.apply(variables(state), batch["image"], train=False)
+        per_example = self.loss(scores, batch["label"])
+        return metric_sums(scores, batch["label"], batch["mask"], per_example, top5=self.top5)
 
 
-def ten_crop_step(state, batch: dict, *, model, config) -> dict:
+@dataclasses.dataclass(frozen=True)
+class TenCrop(Evaluator):
     """AlexNet's ten-patch evaluation; batch['image'] is the rescaled square (256 at 224)."""
-    variables = _variables(state)
-    views = ten_crop_views(batch["image"], config.image_size)
-    # One view at a time (lax.map): activation memory of one crop batch, not ten.
-    probs = lax.map(lambda v: _posteriors(model.apply(variables, v, train=False)), views)
-    return _sums(jnp.mean(probs, axis=0), batch["label"], batch["mask"], config)
+
+    name = "ten_crop"
+
+    def __post_init__(self):
+        self._needs_multi_view()
+
+    @property
+    def views(self):
+        return {"image": self.prep.ten_crop_side}
+
+    def step(self, state, batch):
+        v = variables(state)
+        crops = ten_crop_views(batch["image"], self.prep.image_size)
+        # One view at a time (lax.map): activation memory of one crop batch, not ten.
+        probs = lax.map(lambda x: _posteriors(self.model.apply(v, x, train=False)), crops)
+        return _posterior_sums(jnp.mean(probs, axis=0), batch, self.top5)
 
 
-def dense_step(state, batch: dict, *, model, config) -> dict:
-    """VGG's dense multi-scale evaluation; batch[preprocess.dense_key(q)] holds scale Q.
-
-    The model's `dense=True` applies FC6-8 as 7x7 and 1x1 convolutions and averages the class
-    score map; any input side >= 224 works.
-    """
-    variables = _variables(state)
-    per_scale = []
-    for q in config.eval_scales:
-        images = batch[preprocess.dense_key(q)]
-        both = jnp.concatenate([images, _mirror(images)])
-        probs = _posteriors(model.apply(variables, both, train=False, dense=True))
-        per_scale.append(jnp.mean(probs.reshape(2, images.shape[0], -1), axis=0))
-    return _sums(jnp.mean(jnp.stack(per_scale), axis=0), batch["label"], batch["mask"], config)
+# FC6 slides as a 7x7 convolution over the last feature map of 1/32 the input side.
+DENSE_MIN_IMAGE_SIZE = 224
 
 
-# The per-device steps of the multi-view modes; "center" is train.eval_step.
-EVAL_STEPS = {"ten_crop": ten_crop_step, "dense": dense_step}
+@dataclasses.dataclass(frozen=True)
+class Dense(Evaluator):
+    """VGG's dense multi-scale evaluation; batch[preprocess.dense_key(q)] holds scale Q. The
+    model's `dense=True` applies FC6-8 as 7x7 and 1x1 convolutions and averages the class
+    score map; any input side >= 224 works."""
+
+    name = "dense"
+
+    def __post_init__(self):
+        self._needs_multi_view()
+        crop = preprocess.PAPER_CROP
+        if not self.dense_scales or min(self.dense_scales) < crop:
+            raise UserError(
+                f"--config.eval.dense_scales={self.dense_scales} must be non-empty, each >= "
+                f"{crop} (VGG Sec. 3.2)"
+            )
+        if not self.dense_model:
+            raise UserError(
+                "--config.eval.evaluators=dense needs a model that runs convolutionally (vgg)"
+            )
+        if self.prep.image_size < DENSE_MIN_IMAGE_SIZE:
+            raise UserError(
+                f"--config.eval.evaluators=dense needs --config.input.image_size >= "
+                f"{DENSE_MIN_IMAGE_SIZE} (got {self.prep.image_size}): FC6 slides as a 7x7 "
+                "convolution over the last feature map (VGG Sec. 3.2)"
+            )
+
+    @property
+    def views(self):
+        return {preprocess.dense_key(q): self.prep.scaled_side(q) for q in self.dense_scales}
+
+    def step(self, state, batch):
+        v = variables(state)
+        per_scale = []
+        for key in self.views:
+            images = batch[key]
+            both = jnp.concatenate([images, _mirror(images)])
+            probs = _posteriors(self.model.apply(v, both, train=False, dense=True))
+            per_scale.append(jnp.mean(probs.reshape(2, images.shape[0], -1), axis=0))
+        return _posterior_sums(jnp.mean(jnp.stack(per_scale), axis=0), batch, self.top5)
 
 
-def view_keys(config) -> tuple[str, ...]:
-    """The image fields of an eval batch for config.eval_mode."""
-    return tuple(preprocess.eval_view_sides(config))
+EVALUATORS: dict[str, type[Evaluator]] = {
+    CenterCrop.name: CenterCrop,
+    TenCrop.name: TenCrop,
+    Dense.name: Dense,
+}
 
 
-def evaluate_checkpoint(trainer, checkpointer, workdir: str):
-    """eval_only: evaluate the latest checkpoint in workdir with config.eval_mode, append the
-    result to metrics.jsonl (split 'eval') and write WORKDIR/eval_results.json. Returns the
-    restored state."""
-    config = trainer.config
-    # The newest checkpoint that restores: a corrupt newest one is reported and skipped.
-    state = checkpointer.restore_newest(trainer.abstract_state())
-    if state is None:
-        raise UserError(
-            f"--config.eval_only=True but {os.path.join(workdir, 'checkpoints')} holds no "
-            "checkpoint: train first (the same command without eval_only)"
-        )
-    step = int(state.step)
-    results = trainer.evaluate(state)
-    reporter = reporting.Reporter(workdir, total_steps=step, start_step=step, progress_bar=False)
-    reporter.write(step, "eval", results)
-    reporter.close()
-    if jax.process_index() == 0:
-        summary = {
-            "step": step,
-            "model": config.model,
-            "dataset": config.dataset,
-            "eval_mode": config.eval_mode,
-            "num_examples": datasets.num_examples(config, "eval"),
-            **({"eval_scales": list(config.eval_scales)} if config.eval_mode == "dense" else {}),
-            **{k: float(v) for k, v in results.items()},
-        }
-        with open(os.path.join(workdir, "eval_results.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    return state
+def write_eval_results(workdir: str, step: int, results: dict, facts: dict) -> None:
+    """WORKDIR/eval_results.json: what eval_only found, with the facts that say what it was."""
+    if jax.process_index() != 0:
+        return
+    summary = {"step": step, **facts, **{k: float(v) for k, v in results.items()}}
+    with open(os.path.join(workdir, paths.EVAL_RESULTS_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
+
+
+def report(reporter: reporting.Reporter, step: int, results: list[tuple[str, dict]]) -> None:
+    """One metrics.jsonl record per evaluator: split 'eval' for the first, eval_NAME after."""
+    for i, (name, metrics) in enumerate(results):
+        reporter.write(step, "eval" if i == 0 else f"eval_{name}", metrics)

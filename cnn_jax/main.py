@@ -21,11 +21,7 @@ def main(argv):
 
         train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
-    # Ctrl-C while JAX and TensorFlow load; from the workdir's lock on, train says it.
-    config = flags.FLAGS.config
-    early = ("interrupted; the evaluation wrote nothing" if config.eval_only
-             else "interrupted before training started; nothing was saved")  # fmt: skip
-    cli.run(body, config, early)
+    cli.run(body, flags.FLAGS.config, interrupted=cli.BEFORE_THE_RUN)
 
 
 if __name__ == "__main__":

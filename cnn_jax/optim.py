@@ -1,17 +1,21 @@
-"""Optimiser and learning-rate policy from the config.
+"""Optimiser and learning-rate policy.
 
 The papers' policy "divide the learning rate by 10 when validation accuracy stops improving"
 (AlexNet Sec. 5, VGG Sec. 3.1) depends on evaluation results the train step never sees. It is
 a host-side decision, so the optimiser carries a `plateau_factor` in its state that the loop
-(cnn_jax.train) lowers after an evaluation; the step itself stays pure.
+(cnn_jax.train) lowers after an evaluation through `PlateauRule.after_eval`; the step itself
+stays pure.
 """
 
+import dataclasses
+import itertools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
+
+from cnn_jax.errors import UserError
 
 
 class PlateauState(NamedTuple):
@@ -38,64 +42,178 @@ def scale_by_plateau_factor() -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def plateau_update(state: PlateauState, accuracy: float, config) -> PlateauState:
-    """The host's decision after an evaluation: lower the factor by 10 after
-    `plateau_patience` evaluations without improvement, at most `plateau_max_drops` times."""
-    best, bad, factor, drops = float(state.best), int(state.bad_evals), state.factor, state.drops
-    if accuracy > best + config.plateau_min_delta:
-        best, bad = accuracy, 0
-    else:
-        bad += 1
-    if bad >= config.plateau_patience and int(drops) < config.plateau_max_drops:
-        factor, drops, bad = factor * 0.1, drops + 1, 0
-    return PlateauState(
-        factor=jnp.asarray(factor, jnp.float32),
-        best=jnp.asarray(best, jnp.float32),
-        bad_evals=jnp.asarray(bad, jnp.int32),
-        drops=jnp.asarray(drops, jnp.int32),
-    )
+@dataclasses.dataclass(frozen=True)
+class PlateauRule:
+    """The host's decision after an evaluation: lower the factor by 10 after `patience`
+    evaluations without an improvement of more than `min_delta`, at most `max_drops` times."""
+
+    patience: int = 2
+    max_drops: int = 3
+    min_delta: float = 1e-4
+
+    def next_state(self, state: PlateauState, accuracy: float) -> PlateauState:
+        best, bad, factor, drops = (
+            float(state.best),
+            int(state.bad_evals),
+            state.factor,
+            state.drops,
+        )
+        if accuracy > best + self.min_delta:
+            best, bad = accuracy, 0
+        else:
+            bad += 1
+        if bad >= self.patience and int(drops) < self.max_drops:
+            factor, drops, bad = factor * 0.1, drops + 1, 0
+        return PlateauState(
+            factor=jnp.asarray(factor, jnp.float32),
+            best=jnp.asarray(best, jnp.float32),
+            bad_evals=jnp.asarray(bad, jnp.int32),
+            drops=jnp.asarray(drops, jnp.int32),
+        )
+
+    def after_eval(self, opt_state, accuracy: float, sharding):
+        """opt_state with its PlateauState advanced by one evaluation, placed by `sharding`."""
+        new = jax.device_put(self.next_state(find_plateau_state(opt_state), accuracy), sharding)
+        return replace_plateau_state(opt_state, new)
 
 
-def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-    base = config.learning_rate
-    if config.lr_schedule in ("constant", "plateau"):
-        schedule = optax.constant_schedule(base)
-    elif config.lr_schedule == "step":
-        boundaries = {int(e * steps_per_epoch): config.step_factor for e in config.step_epochs}
-        schedule = optax.piecewise_constant_schedule(base, boundaries)
-    elif config.lr_schedule == "cosine":
-        warmup = int(config.warmup_epochs * steps_per_epoch)
-        schedule = optax.cosine_decay_schedule(base, max(1, total_steps - warmup))
-    else:  # validated in cnn_jax.validation
-        raise ValueError(config.lr_schedule)
-    warmup = int(config.warmup_epochs * steps_per_epoch)
+def learning_rate_schedule(
+    schedule: str,
+    learning_rate: float,
+    *,
+    steps_per_epoch: int,
+    total_steps: int,
+    step_epochs=(),
+    step_factor: float = 0.1,
+    warmup_epochs: float = 0.0,
+) -> optax.Schedule:
+    if schedule in ("constant", "plateau"):
+        main = optax.constant_schedule(learning_rate)
+    elif schedule == "step":
+        boundaries = {int(e * steps_per_epoch): step_factor for e in step_epochs}
+        main = optax.piecewise_constant_schedule(learning_rate, boundaries)
+    else:  # cosine
+        warmup = int(warmup_epochs * steps_per_epoch)
+        main = optax.cosine_decay_schedule(learning_rate, max(1, total_steps - warmup))
+    warmup = int(warmup_epochs * steps_per_epoch)
     if warmup > 0:
-        ramp = optax.linear_schedule(0.0, base, warmup)
-        schedule = optax.join_schedules([ramp, schedule], [warmup])
-    return schedule
+        ramp = optax.linear_schedule(0.0, learning_rate, warmup)
+        main = optax.join_schedules([ramp, main], [warmup])
+    return main
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """The optax transformation, its schedule (made once) and, for the papers' "divide by 10
+    when validation accuracy stops improving", the plateau rule the loop applies."""
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    plateau: PlateauRule | None
+
+    def learning_rate(self, step: int, opt_state) -> float:
+        return float(self.schedule(step) * find_plateau_state(opt_state).factor)
 
 
 def make_optimizer(
-    config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
-) -> optax.GradientTransformation:
-    schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
-    if config.optimizer == "sgd":
+    name: str,
+    *,
+    learning_rate: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    schedule: str,
+    step_epochs,
+    step_factor: float,
+    warmup_epochs: float,
+    plateau_patience: int,
+    plateau_max_drops: int,
+    plateau_min_delta: float,
+    steps_per_epoch: int,
+    total_steps: int,
+) -> Optimizer:
+    """The optimiser of the config's optim group (its fields, as keywords), checked here."""
+    _check_choices(name, schedule, step_epochs)
+    _check_ranges(
+        learning_rate=(learning_rate, ">0"),
+        step_factor=(step_factor, ">0"),
+        momentum=(momentum, "[0,1)"),
+        weight_decay=(weight_decay, ">=0"),
+        warmup_epochs=(warmup_epochs, ">=0"),
+        plateau_min_delta=(plateau_min_delta, ">=0"),
+        plateau_max_drops=(plateau_max_drops, ">=0"),
+        plateau_patience=(plateau_patience, ">=1"),
+    )
+    lr = learning_rate_schedule(
+        schedule,
+        learning_rate,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        step_epochs=step_epochs,
+        step_factor=step_factor,
+        warmup_epochs=warmup_epochs,
+    )
+    if name == "sgd":
         # AlexNet Sec. 5: v <- 0.9 v - 0.0005 eps w - eps grad. Decay enters the momentum
         # buffer with the gradient, which is add_decayed_weights before the trace.
-        core = [optax.trace(decay=config.momentum, nesterov=config.nesterov)]
+        core = optax.trace(decay=momentum, nesterov=nesterov)
     else:  # adam
-        core = [optax.scale_by_adam()]
-    return optax.chain(
-        optax.add_decayed_weights(config.weight_decay) if config.weight_decay else optax.identity(),
-        *core,
-        optax.scale_by_learning_rate(schedule),
+        core = optax.scale_by_adam()
+    tx = optax.chain(
+        optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
+        core,
+        optax.scale_by_learning_rate(lr),
         scale_by_plateau_factor(),
     )
+    plateau = (
+        PlateauRule(plateau_patience, plateau_max_drops, plateau_min_delta)
+        if schedule == "plateau"
+        else None
+    )
+    return Optimizer(tx=tx, schedule=lr, plateau=plateau)
+
+
+NAMES = ("sgd", "adam")
+SCHEDULES = ("constant", "step", "cosine", "plateau")
+
+
+def _check_choices(name: str, schedule: str, step_epochs) -> None:
+    if name not in NAMES:
+        raise UserError(f"--config.optim.name={name!r} is not one of: {', '.join(NAMES)}")
+    if schedule not in SCHEDULES:
+        raise UserError(
+            f"--config.optim.schedule={schedule!r} is not one of: {', '.join(SCHEDULES)}"
+        )
+    epochs = tuple(step_epochs)
+    if any(e < 0 for e in epochs) or any(a >= b for a, b in itertools.pairwise(epochs)):
+        raise UserError(
+            f"--config.optim.step_epochs={epochs} must be non-negative and increasing (the "
+            "epochs at which the learning rate is multiplied by step_factor)"
+        )
+
+
+_RANGES = {
+    ">0": (lambda v: v > 0, "must be > 0"),
+    ">=0": (lambda v: v >= 0, "must be >= 0"),
+    ">=1": (lambda v: v >= 1, "must be >= 1"),
+    "[0,1)": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+}
+
+
+def _check_ranges(**fields) -> None:
+    """Each optim field in its range; one line naming the first that is not."""
+    for field, (value, allowed) in fields.items():
+        inside, message = _RANGES[allowed]
+        if not inside(value):
+            raise UserError(f"--config.optim.{field}={value} {message}")
 
 
 def find_plateau_state(opt_state) -> PlateauState:
-    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, PlateauState))
-             if isinstance(s, PlateauState)]  # fmt: skip
+    found = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, PlateauState))
+        if isinstance(s, PlateauState)
+    ]
     return found[0]
 
 

@@ -2,8 +2,8 @@
 
 Every step in cnn_jax is written as a *per-device* function with explicit collectives
 (`lax.pmean` over 'data', `lax.all_gather` over 'model'). This module compiles such a function
-for the mesh with `jax.jit(jax.shard_map(...))` (config.spmd='shard_map', the default) or
-`jax.pmap` (config.spmd='pmap', the classic path; see `_compile_pmap`). Nothing else in the
+for the mesh with `jax.jit(jax.shard_map(...))` (mesh.spmd='shard_map', the default) or
+`jax.pmap` (mesh.spmd='pmap', the classic path; see `_compile_pmap`). Nothing else in the
 project needs to know how devices are arranged.
 """
 
@@ -24,7 +24,7 @@ MODEL_AXIS = "model"
 MESH_AXES = (DATA_AXIS, MODEL_AXIS)
 
 
-# config.mesh_model = AUTO_MODEL_AXIS: the model axis is chosen per machine (auto_model_axis).
+# config.mesh.model = AUTO_MODEL_AXIS: the model axis is chosen per machine (auto_model_axis).
 AUTO_MODEL_AXIS = 0
 
 
@@ -44,26 +44,25 @@ def auto_model_axis(
     return 1
 
 
-def mesh_shape(config, num_devices: int) -> tuple[int, int]:
-    """(data, model) sizes from the config; raises UserError if they do not fit the devices.
-    An automatic model axis (mesh_model=0) must have been resolved first
-    (cnn_jax.models.resolve_mesh_model)."""
-    model = config.mesh_model
+def mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
+    """(data, model) sizes of the mesh (config.mesh; data=-1 fills the devices); raises
+    UserError if they do not fit. An automatic model axis (0) must have been chosen first
+    (cnn_jax.experiment.resolve)."""
     if model < 1:
-        raise UserError(f"--config.mesh_model={model} must be >= 1 (or 0: chosen per machine)")
-    data = config.mesh_data if config.mesh_data != -1 else num_devices // model
+        raise UserError(f"--config.mesh.model={model} must be >= 1 (or 0: chosen per machine)")
+    asked, data = data, data if data != -1 else num_devices // model
     if data < 1 or data * model != num_devices:
         raise UserError(
-            f"mesh data={config.mesh_data} x model={model} does not fit the {num_devices} "
+            f"mesh data={asked} x model={model} does not fit the {num_devices} "
             f"available devices (data x model must equal {num_devices}; data=-1 fills it"
-            + ("; --config.mesh_model=1 runs both towers on every device)" if model > 1 else ")")
+            + ("; --config.mesh.model=1 runs both towers on every device)" if model > 1 else ")")
         )
     return data, model
 
 
-def make_mesh(config, devices=None) -> Mesh:
+def make_mesh(data: int, model: int, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
-    data, model = mesh_shape(config, len(devices))
+    data, model = mesh_shape(data, model, len(devices))
     # Auto axes: the host loop hands plain jit code global arrays; explicit collectives live
     # inside shard_map where the axis types do not matter.
     axis_types = (jax.sharding.AxisType.Auto,) * 2
@@ -100,8 +99,12 @@ def compile_per_device(
 
 def _axes_of(spec: P) -> tuple[str, ...]:
     """The mesh axes a PartitionSpec splits an array over."""
-    return tuple(n for entry in spec if entry is not None
-                 for n in (entry if isinstance(entry, tuple) else (entry,)))  # fmt: skip
+    return tuple(
+        n
+        for entry in spec
+        if entry is not None
+        for n in (entry if isinstance(entry, tuple) else (entry,))
+    )
 
 
 def global_norm(tree, specs) -> jax.Array:
@@ -169,8 +172,10 @@ def _map_with_specs(fn, specs, tree):
     """fn(leaf, spec) over a tree whose specs are given as a tree prefix."""
     return jax.tree.map(
         lambda spec, sub: jax.tree.map(lambda leaf: fn(leaf, spec), sub),
-        specs, tree, is_leaf=lambda x: isinstance(x, P),
-    )  # fmt: skip
+        specs,
+        tree,
+        is_leaf=lambda x: isinstance(x, P),
+    )
 
 
 def _compile_pmap(fn, mesh: Mesh, in_specs, out_specs):

@@ -19,23 +19,23 @@ import jax
 
 from cnn_jax.errors import UserError
 
-LOCK_FILE = ".lock"
-# What a run keeps in its workdir (as cnn_jax.checkpoint, reporting and evaluate name them),
-# by kind. An entry of the other kind would fail deep in the run: a file where the
-# checkpoints folder goes lets a run train, then hangs its first save for minutes.
-WORKDIR_DIRECTORIES = ("checkpoints", "corrupt_checkpoints", "tensorboard")
-WORKDIR_FILES = ("config.json", "metrics.jsonl", "eval_results.json", LOCK_FILE)
-# Config fields that name a directory. A shell leaves `~` alone in `--config.data_dir=~/x`
-# (after `=`, mid-word), so the run expands it itself.
-CONFIG_PATH_FIELDS = ("data_dir", "manual_dir", "warm_start_from")
+# What a run keeps in its workdir; every module names these files through here.
+CONFIG_FILE = "config.json"  # the resolved config of the latest run (cnn_jax.checkpoint)
+METRICS_FILE = "metrics.jsonl"  # one JSON record per line (cnn_jax.reporting)
+EVAL_RESULTS_FILE = "eval_results.json"  # an eval-only run's results (cnn_jax.evaluate)
+LOCK_FILE = ".lock"  # held while a run uses the workdir (acquire_lock)
+CHECKPOINTS_DIR = "checkpoints"  # Orbax checkpoints, one folder per step
+CORRUPT_DIR = "corrupt_checkpoints"  # checkpoints that did not restore, moved here
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files
+# By kind. An entry of the other kind would fail deep in the run: a file where the
+# checkpoints folder goes lets a run train, then hang at its first save.
+WORKDIR_DIRECTORIES = (CHECKPOINTS_DIR, CORRUPT_DIR, TENSORBOARD_DIR)
+WORKDIR_FILES = (CONFIG_FILE, METRICS_FILE, EVAL_RESULTS_FILE, LOCK_FILE)
 
 
-def expand_config_paths(config) -> None:
-    """`~` in the config's path fields, expanded in place (config.json then records the path
-    that was used)."""
-    for field in CONFIG_PATH_FIELDS:
-        if config[field]:
-            config[field] = os.path.expanduser(config[field])
+def checkpoints_dir(workdir: str) -> str:
+    """WORKDIR/checkpoints, absolute."""
+    return os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
 
 
 def existing_directory(path: str, flag: str) -> str:
@@ -80,8 +80,10 @@ def _check_writable(path: str, flag: str) -> None:
 
 
 def _check_entries(workdir: str) -> None:
-    kinds = [(WORKDIR_DIRECTORIES, os.path.isfile, "a file, not the directory"),
-             (WORKDIR_FILES, os.path.isdir, "a directory, not the file")]  # fmt: skip
+    kinds = [
+        (WORKDIR_DIRECTORIES, os.path.isfile, "a file, not the directory"),
+        (WORKDIR_FILES, os.path.isdir, "a directory, not the file"),
+    ]
     for names, wrong, kind in kinds:
         for name in names:
             path = os.path.join(workdir, name)
@@ -111,8 +113,12 @@ def acquire_lock(workdir: str) -> int | None:
         ) from None
     except OSError as e:  # some network filesystems: ENOLCK, EOPNOTSUPP
         os.close(fd)
-        print(f"warning: cannot lock {path} ({e.strerror or e}); make sure no other run uses "
-              f"--workdir={workdir}", file=sys.stderr)  # fmt: skip
+        reason = e.strerror or e
+        print(
+            f"warning: cannot lock {path} ({reason}); make sure no other run uses "
+            f"--workdir={workdir}",
+            file=sys.stderr,
+        )
         return None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())

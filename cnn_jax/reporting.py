@@ -9,7 +9,7 @@ import jax
 import tensorflow as tf
 import tqdm
 
-METRICS_FILE = "metrics.jsonl"
+from cnn_jax.paths import METRICS_FILE, TENSORBOARD_DIR
 
 
 class Reporter:
@@ -22,7 +22,7 @@ class Reporter:
         self._jsonl = open(path, "a")  # noqa: SIM115
         if torn:
             self._jsonl.write("\n")
-        self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+        self._tb = tf.summary.create_file_writer(os.path.join(workdir, TENSORBOARD_DIR))
         self._bar = tqdm.tqdm(
             total=total_steps,
             initial=start_step,
@@ -116,8 +116,11 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def _is_record(record) -> bool:
-    return (isinstance(record, dict) and isinstance(record.get("step"), int)
-            and isinstance(record.get("split"), str))  # fmt: skip
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("step"), int)
+        and isinstance(record.get("split"), str)
+    )
 
 
 def last_record(workdir: str, split: str) -> dict | None:

@@ -2,8 +2,9 @@
 multiply-accumulates (MACs) per image, by shape inference alone (no weights are made).
 
     python -m cnn_jax.summary --config=configs/lenet.py
-    python -m cnn_jax.summary --config=configs/vgg.py:D --config.image_size=256
-    python -m cnn_jax.summary --models_table        # the README's model table, in Markdown
+    python -m cnn_jax.summary --config=configs/vgg.py:D --config.input.image_size=256
+
+(tools/models_table.py makes the README's model table from these summaries.)
 
 How it works: the model's `init` runs under `jax.eval_shape`, with `nn.intercept_methods`
 recording every module call. A row is a *leaf* call (a module that calls no other module)
@@ -16,9 +17,7 @@ that still multiply (LeNet-5's RBF units) have their own rule in MAC_RULES.
 """
 
 import dataclasses
-import importlib.util
 import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import flags
 
-from cnn_jax import cli, models, validation
+from cnn_jax import cli
 from cnn_jax.errors import UserError
 from cnn_jax.models.layers import EuclideanRBF
 
@@ -77,16 +76,15 @@ def _first_array(tree):
 
 
 def summarize(config: ml_collections.ConfigDict) -> Summary:
-    """The per-layer summary of config's model at config.image_size, batch of one image."""
-    from cnn_jax.data import datasets, pipeline  # TFDS: imported only when a summary is made
+    """The per-layer summary of config's model at its input size, for a batch of one image."""
+    from cnn_jax import experiment  # TFDS: imported only when a summary is made
+    from cnn_jax.data import pipeline
 
-    validation.check_model(config)
-    datasets.dataset_spec(config)  # unknown dataset
-    config = config.copy_and_resolve_references()
-    datasets.resolve_dataset_fields(config)  # num_classes of a real dataset
-    validation.check_num_classes(config)  # LeNet-5's RBF head takes ten
-    model = models.build_model(config)
-    image_shape = (config.image_size, config.image_size, pipeline.input_channels(config))
+    config = experiment.resolve(config, num_devices=1, process_count=1)
+    model = experiment.model(config)  # checks the input size and class count for the model
+    prep = experiment.preprocessing(config)
+    channels = pipeline.input_channels(experiment.source(config), prep)
+    image_shape = (prep.image_size, prep.image_size, channels)
 
     rows: list[Row] = []
     stack: list[dict] = []  # module calls in progress, innermost last
@@ -120,8 +118,9 @@ def summarize(config: ml_collections.ConfigDict) -> Summary:
 
     variables = jax.eval_shape(init, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
     total = sum(p.size for p in jax.tree.leaves(variables["params"]))
+    variant = getattr(model, "variant", None)  # VGG's configuration letter
     return Summary(
-        model=type(model).__name__ + (f" {config.vgg_variant}" if config.model == "vgg" else ""),
+        model=f"{type(model).__name__} {variant}" if variant else type(model).__name__,
         input_shape=image_shape,
         rows=tuple(rows),
         total_params=total,
@@ -156,65 +155,19 @@ def format_table(summary: Summary) -> str:
     )
 
 
-# --- The README's model table ---------------------------------------------------------------
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# (row label, config file relative to the repository, its argument, the paper's result).
-PAPER_RESULTS: tuple[tuple[str, str, str | None, str], ...] = (
-    ("LeNet-5", "configs/lenet.py", None, "0.95% test error, MNIST"),
-    ("AlexNet", "configs/alexnet.py", None, "37.5 / 17.0, ILSVRC-2010 test (Table 1)"),
-    ("VGG A", "configs/vgg.py", "A", "29.6 / 10.4, single scale (Table 3)"),
-    ("VGG A-LRN", "configs/vgg.py", "A-LRN", "29.7 / 10.5, single scale (Table 3)"),
-    ("VGG B", "configs/vgg.py", "B", "28.7 / 9.9, single scale (Table 3)"),
-    ("VGG C", "configs/vgg.py", "C", "27.3 / 8.8, single scale, S in [256, 512] (Table 3)"),
-    ("VGG D", "configs/vgg.py", "D", "24.8 / 7.5, multi-scale, S in [256, 512] (Table 4)"),
-    ("VGG E", "configs/vgg.py", "E", "24.8 / 7.5, multi-scale, S in [256, 512] (Table 4)"),
-)
-
-
-def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """get_config(arg) of a config file, as `--config=path:arg` would give it."""
-    spec = importlib.util.spec_from_file_location("_summary_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg is not None else module.get_config()
-
-
-def models_table() -> str:
-    """Markdown table of every model with a config file: parameters, MACs, paper result."""
-    lines = [
-        "| model | config | parameters | MACs per image | paper error, top-1 / top-5 % |",
-        "| --- | --- | ---: | ---: | --- |",
-    ]
-    for label, path, arg, paper in PAPER_RESULTS:
-        if not os.path.exists(os.path.join(_REPO, path)):
-            continue  # a model whose config is not written yet
-        s = summarize(load_config(os.path.join(_REPO, path), arg))
-        where = f"`{path}{':' + arg if arg else ''}`"
-        lines.append(f"| {label} | {where} | {s.total_params:,} | {s.total_macs:,} | {paper} |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Command line; takes argv (program name first) so tests can call it in-process.
     Its flags live in their own FlagValues, so it never clashes with cnn_jax.main's."""
     argv = sys.argv if argv is None else argv
     fv = flags.FlagValues()
     cli.define_config_flag(fv, argv)
-    flags.DEFINE_bool(
-        "models_table", False, "Print the README's Markdown model table.", flag_values=fv
-    )
     if not cli.parse_tool_flags(argv, fv, __doc__):
         return
 
     def body():
-        if fv.models_table:
-            print(models_table())
-        elif fv.config is None:
-            raise UserError("--config=configs/X.py[:arg] is required (or --models_table)")
-        else:
-            print(format_table(summarize(fv.config)))
+        if fv.config is None:
+            raise UserError("--config=configs/X.py[:arg] is required")
+        print(format_table(summarize(fv.config)))
 
     cli.run(body)
 

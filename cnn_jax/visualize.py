@@ -1,4 +1,6 @@
-"""Pictures of a run: python -m cnn_jax.visualize --workdir=DIR [--out=DIR]
+"""Pictures of a run, drawn from what it left in its workdir.
+
+    python -m cnn_jax.visualize --workdir=DIR [--out=DIR]
 
 Writes PNGs into --out (default: the workdir):
   curves.png                training and evaluation loss / accuracy over steps (metrics.jsonl)
@@ -7,11 +9,10 @@ Writes PNGs into --out (default: the workdir):
   lenet_feature_maps.png    LeNet-5: one test digit and its C1 and C3 maps (the paper's Fig. 13
                             shows the same layers at work)
 
-The run is read back from what it left in the workdir: config.json, metrics.jsonl and the
-latest checkpoint (restored onto this machine's first device, whatever mesh trained it).
+The run is read back from config.json, metrics.jsonl and the latest checkpoint (restored onto
+this machine's first device, whatever mesh trained it).
 """
 
-import argparse
 import json
 import os
 import sys
@@ -24,63 +25,41 @@ import jax
 import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
-import tensorflow as tf
+from absl import flags
 
-from cnn_jax import checkpoint, cli, models, paths, reporting
-from cnn_jax.data import datasets, preprocess
-from cnn_jax.errors import RunFailure, UserError
+from cnn_jax import checkpoint, cli, paths, reporting
+from cnn_jax.errors import UserError
+from cnn_jax.paths import CONFIG_FILE
 
-CONFIG_FILE = "config.json"
 DPI = 100  # small files: the pictures go into the README
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config the run recorded in WORKDIR/config.json."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise UserError(f"--workdir={workdir} has no {CONFIG_FILE}: is it a cnn_jax run?")
     try:
         with open(path) as f:
             saved = json.load(f)
-        if not isinstance(saved, dict) or "model" not in saved:
-            raise ValueError("not a run's config: no 'model' field")
+        if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+            raise ValueError("not a run's config: no 'model' group")
+        if "name" not in saved["model"]:
+            raise ValueError("not a run's config: no 'model.name' field")
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is unreadable ({e}): is it a cnn_jax run's config?") from e
     return ml_collections.ConfigDict(saved)
 
 
-def load_metrics(workdir: str) -> list[dict]:
-    return reporting.read_metrics(workdir)  # skips, and names, lines that are not records
-
-
 def restore_params(workdir: str) -> tuple[int, dict]:
-    """(step, params) of the workdir's latest checkpoint, on one device."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise UserError(f"--workdir={workdir} has no checkpoints/")
-    # Read-only: a run still training in this workdir keeps its in-flight saves.
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    with ocp.CheckpointManager(directory, options=options, item_names=("state",)) as manager:
-        step = manager.latest_step()
-    if step is None:
-        raise UserError(f"--workdir={workdir} has no checkpoint")
-    path = os.path.join(directory, str(step), "state")  # CheckpointManager's layout
-    with ocp.StandardCheckpointer() as reader:
-        # Abstract arrays on one local device instead of the saved mesh's shardings, so a
-        # checkpoint from 8 devices (or a TPU slice) opens on a laptop.
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        checkpoint.hide_abandoned_read_reports()  # of a restore that fails: our line says it
-        try:
-            abstract = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                reader.metadata(path).item_metadata,
-            )
-            state = reader.restore(path, abstract)
-        except Exception as e:  # Orbax/TensorStore: a truncated or missing file
-            raise RunFailure(
-                f"the latest checkpoint (step {step}) in {directory} does not restore: "
-                f"{checkpoint.innermost_message(e)}"
-            ) from e
+    """(step, params) of the workdir's latest checkpoint, on this machine's first device."""
+    if not os.path.isdir(paths.checkpoints_dir(workdir)):
+        raise UserError(f"--workdir={workdir} has no {paths.CHECKPOINTS_DIR}/")
+    step, state = checkpoint.read_newest(
+        workdir,
+        lambda saved: {"params": checkpoint.on_one_device(saved["params"])},
+        flag="--workdir",
+    )
     return step, jax.device_get(state["params"])
 
 
@@ -167,19 +146,16 @@ def plot_alexnet_conv1(params, towers: int, path: str, step: int) -> None:
     plt.close(fig)
 
 
-def _one_eval_digit(config) -> tuple[np.ndarray, int]:
+def first_eval_example(source, prep) -> tuple[np.ndarray, int]:
     """The first eval example, preprocessed as evaluation sees it."""
-    example = next(iter(datasets.process_examples(config, "eval").take(1)))
-    op = preprocess.PREPROCESSORS[config.preprocess]
-    image = op(example["image"], tf.zeros([2], tf.int64), train=False, config=config)
-    return image.numpy(), int(example["label"])
+    example = next(iter(source.process_examples("eval").take(1)))
+    return np.asarray(prep.center(example["image"])), int(example["label"])
 
 
-def plot_lenet_feature_maps(config, params, path: str) -> None:
+def plot_lenet_feature_maps(model, params, example: tuple[np.ndarray, int], path: str) -> None:
     """One digit, the six C1 maps and the sixteen C3 maps it produces (outputs of the
     convolutions, before the squashing function)."""
-    image, label = _one_eval_digit(config)
-    model = models.build_model(config)
+    image, label = example
     scores, state = model.apply(
         {"params": params},
         image[None],
@@ -210,7 +186,7 @@ def plot_lenet_feature_maps(config, params, path: str) -> None:
             ax.imshow(stack[..., i], cmap="viridis")
             ax.set_axis_off()
             ax.set_title(f"{name} #{first + i}", fontsize=7)
-    fig.suptitle(f"LeNet-5 ({config.model}) feature maps of one test image", fontsize=10)
+    fig.suptitle(f"LeNet-5 ({type(model).__name__}) feature maps of one test image", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -228,46 +204,48 @@ def write_pictures(workdir: str, out: str | None = None) -> list[str]:
         except UserError as e:  # a finished run on a read-only share, say
             raise UserError(f"{e}: give --out=DIR for the pictures") from None
     written = []
-    records = load_metrics(workdir)
+    records = reporting.read_metrics(workdir)  # skips, and names, lines that are not records
     if records:
         written.append(os.path.join(out, "curves.png"))
         plot_curves(records, written[-1])
-    if config.model.startswith("alexnet"):
+    from cnn_jax import experiment
+    from cnn_jax.models import alexnet, lenet
+
+    model = experiment.model(config)
+    if isinstance(model, alexnet.AlexNet):
         step, params = restore_params(workdir)
         written.append(os.path.join(out, "alexnet_conv1.png"))
-        towers = 2 if config.model == "alexnet" else 1
-        plot_alexnet_conv1(params, towers, written[-1], step)
-    elif config.model.startswith("lenet5"):
+        plot_alexnet_conv1(params, model.towers, written[-1], step)
+    elif isinstance(model, lenet.LeNet5 | lenet.LeNet5Modern):
         _, params = restore_params(workdir)
         written.append(os.path.join(out, "lenet_feature_maps.png"))
-        plot_lenet_feature_maps(config, params, written[-1])
+        example = first_eval_example(experiment.source(config), experiment.preprocessing(config))
+        plot_lenet_feature_maps(model, params, example, written[-1])
     if not written:
         raise UserError(f"--workdir={workdir}: nothing to draw (no metrics, no known model)")
     return written
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, as from every cnn_jax command (argparse adds usage)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main(argv=None) -> None:
-    parser = _Parser(
-        prog="python -m cnn_jax.visualize",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def main(argv: list[str] | None = None) -> None:
+    """Command line; takes argv (program name first) so tests can call it in-process. Its
+    flags live in their own FlagValues, so it never clashes with cnn_jax.main's."""
+    argv = sys.argv if argv is None else argv
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "A run's directory.", flag_values=fv)
+    flags.DEFINE_string(
+        "out", None, "Where to write the PNGs (default: the workdir).", flag_values=fv
     )
-    parser.add_argument("--workdir", required=True, help="a run's directory")
-    parser.add_argument("--out", default=None, help="where to write the PNGs (default: workdir)")
-    args = parser.parse_args(argv)
+    if not cli.parse_tool_flags(argv, fv, __doc__):
+        return
 
     def draw():
-        for path in write_pictures(args.workdir, args.out):
+        if fv.workdir is None:
+            raise UserError("--workdir=DIR is required: the run's directory")
+        for path in write_pictures(fv.workdir, fv.out):
             print(path)
 
     cli.run(draw)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -13,15 +13,12 @@ not. FC6, FC7 and FC8 are identical in every configuration. With batch norm, a l
 batch-norm parameters and statistics go with it. Everything else keeps its random init.
 """
 
-import contextlib
-import os
-
 import jax
-import orbax.checkpoint as ocp
-from absl import logging
 
 from cnn_jax import checkpoint
-from cnn_jax.errors import RunFailure, UserError
+from cnn_jax.errors import UserError
+
+FLAG = "--config.model.warm_start_from"
 
 # (parent module, layer) of every layer copied from A; names as in cnn_jax.models.vgg.
 WARM_START_LAYERS: tuple[tuple[str, str], ...] = (
@@ -53,7 +50,7 @@ def _check_fits(where: tuple[str, str, str], have, want) -> None:
     fits = have is not None and jax.tree.structure(have) == jax.tree.structure(want)
     if not fits or _shapes(have) != _shapes(want):
         raise UserError(
-            f"--config.warm_start_from: {'/'.join(where)} in the checkpoint "
+            f"{FLAG}: {'/'.join(where)} in the checkpoint "
             f"({None if have is None else _shapes(have)}) does not fit this model's "
             f"({_shapes(want)}); warm-start from a VGG-A with the same num_classes and batch_norm"
         )
@@ -76,83 +73,30 @@ def copy_layers(target: dict, source: dict) -> dict:
     return out
 
 
-def checkpoint_directory(path: str) -> str:
-    """A workdir's checkpoints/ folder, or `path` itself if it is one."""
-    inner = os.path.join(path, "checkpoints")
-    return os.path.abspath(inner if os.path.isdir(inner) else path)
-
-
 def load_layers(path: str, like: dict) -> dict:
-    """Read from the newest checkpoint under `path` only the warm-start layers of `like`
-    (this model's variables), placed with the shardings of `like`'s arrays."""
-    directory = checkpoint_directory(path)
-    with _quiet():  # orbax logs a WARNING for each option read_only overrides
-        manager = ocp.CheckpointManager(
-            directory,
-            item_names=("state",),
-            # The PyTree handler reads the Checkpointer's StandardSave format, and a part of it.
-            item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-            options=ocp.CheckpointManagerOptions(read_only=True),
-        )
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise UserError(f"--config.warm_start_from={path}: no checkpoint in {directory}")
-        try:
-            saved = manager.item_metadata(step)["state"].tree
-        except Exception as e:  # Orbax: a missing or unreadable metadata file
-            raise _unreadable(path, directory, step, e) from e
+    """Read from the newest checkpoint under `path` (a VGG-A run's workdir or its checkpoints/
+    folder) only the warm-start layers of `like` (this model's variables), placed with the
+    dtypes and shardings of `like`'s arrays."""
+
+    def select(saved: dict) -> dict:
         wanted: dict = {}
         for where in _copied_paths(like):
             collection, parent, name = where
             target = like[collection][parent][name]
             _check_fits(where, _get(saved, *where), target)
-            # Read straight into this model's placement (dtype and sharding).
-            abstract = jax.tree.map(
+            wanted.setdefault(collection, {}).setdefault(parent, {})[name] = jax.tree.map(
                 lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding), target
             )
-            wanted.setdefault(collection, {}).setdefault(parent, {})[name] = abstract
-        if not wanted:
-            return {}
-        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), wanted)
-        checkpoint.hide_abandoned_read_reports()  # of a restore that fails: our line says it
-        try:
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(
-                        item=wanted, restore_args=restore_args, partial_restore=True
-                    )
-                ),
-            )
-        except Exception as e:  # Orbax/TensorStore: a truncated or missing array file
-            raise _unreadable(path, directory, step, e) from e
-        return dict(restored["state"])
-    finally:
-        manager.close()
+        return wanted
 
-
-def _unreadable(path: str, directory: str, step: int, error: Exception) -> RunFailure:
-    return RunFailure(
-        f"--config.warm_start_from={path}: the checkpoint of step {step} in {directory} does "
-        f"not restore: {checkpoint.innermost_message(error)}"
-    )
-
-
-@contextlib.contextmanager
-def _quiet():
-    level = logging.get_verbosity()
-    logging.set_verbosity(logging.ERROR)
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
+    _, layers = checkpoint.read_newest(path, select, flag=FLAG)
+    return layers
 
 
 def warm_start(state, path: str):
     """The TrainState `state` (freshly initialised) with VGG-A's layers from `path` copied in."""
     like = {"params": state.params, "batch_stats": state.batch_stats}
     if not _copied_paths(like):
-        raise UserError("--config.warm_start_from applies to VGG (--config.model=vgg) only")
+        raise UserError(f"{FLAG} applies to VGG (--config.model.name=vgg) only")
     variables = copy_layers(like, load_layers(path, like))
     return state.replace(params=variables["params"], batch_stats=variables["batch_stats"] or {})

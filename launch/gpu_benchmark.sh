@@ -27,7 +27,7 @@ if [[ -n "${PEAK_TFLOPS:-}" ]]; then PEAK=(--peak_tflops="$PEAK_TFLOPS"); fi
 mkdir -p "$OUT"
 
 # CPU_DRY_RUN=1 runs the whole script on the CPU (with PYTHON= a wrapper that shrinks the
-# models, e.g. adding --config.width_divisor=16 --config.image_size=64): a check of the
+# models, e.g. adding --config.model.width_divisor=16 --config.input.image_size=64): a check of the
 # script itself, not a measurement.
 "$PYTHON" -c "import jax; d = jax.devices()[0]; print(f'{jax.device_count()} x {d.device_kind}'); \
 assert jax.default_backend() == 'gpu' or '${CPU_DRY_RUN:-0}' == '1', \
@@ -37,8 +37,8 @@ run() {  # name, config file, batch size, half precision (True/False)
   echo "== $1" >&2
   # --config first: its --config.FIELD overrides must follow it. One GPU: AlexNet's two
   # towers run on it together (the mesh is chosen per machine and says so on stderr).
-  timeout 300 "$PYTHON" -m cnn_jax.benchmark --config="$2" --config.batch_size="$3" \
-    --config.half_precision="$4" --config.dataset=synthetic \
+  timeout 300 "$PYTHON" -m cnn_jax.benchmark --config="$2" --config.input.batch_size="$3" \
+    --config.run.half_precision="$4" --config.data.name=synthetic \
     --steps="$STEPS" --warmup=5 --input_steps=0 "${PEAK[@]}" > "$OUT/$1.json"
 }
 
@@ -71,8 +71,8 @@ for split, per_class in (("train", 256), ("val", 8)):
             image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
             image.save(os.path.join(folder, f"{i}.jpg"), quality=90)
 EOF_JPEGS
-timeout 300 "$PYTHON" -m cnn_jax.benchmark --config=configs/alexnet.py --config.batch_size=256 \
-  --config.dataset=image_folder --config.manual_dir="$JPEGS" --config.num_classes=2 \
+timeout 300 "$PYTHON" -m cnn_jax.benchmark --config=configs/alexnet.py --config.input.batch_size=256 \
+  --config.data.name=image_folder --config.data.manual_dir="$JPEGS" --config.data.num_classes=2 \
   --steps=2 --warmup=1 --input_steps=20 > "$OUT/input_alexnet.json"
 
 "$PYTHON" - "$OUT" "${names[@]}" <<'EOF_TABLE'

@@ -8,16 +8,16 @@
 # joined on a loopback coordinator, training AlexNet on a 4x2 mesh:
 #
 #   launch/processes.sh -n 2 --cpu-devices 4 -- python -m cnn_jax.main \
-#       --config=configs/alexnet.py --workdir=/tmp/alexnet_2proc --config.dataset=synthetic \
-#       --config.num_classes=10 --config.batch_size=8 --config.num_train_steps=4 \
-#       --config.synthetic_train_size=64 --config.synthetic_eval_size=16
+#       --config=configs/alexnet.py --workdir=/tmp/alexnet_2proc --config.data.name=synthetic \
+#       --config.data.num_classes=10 --config.input.batch_size=8 --config.run.num_train_steps=4 \
+#       --config.data.synthetic_train_size=64 --config.data.synthetic_eval_size=16
 #
 # Several GPU hosts (M nodes, one process per GPU; run the same line on every node, with its
 # own --node-rank, and node 0's address as the coordinator):
 #
 #   launch/processes.sh -n 8 --gpu-per-process --nodes 2 --node-rank 0 \
 #       --coordinator node0.example:8476 -- python -m cnn_jax.main --config=configs/alexnet.py \
-#       --workdir=/shared/runs/alexnet --config.manual_dir=/shared/imagenet
+#       --workdir=/shared/runs/alexnet --config.data.manual_dir=/shared/imagenet
 #
 # or one process per host seeing all its GPUs: -n 1 (without --gpu-per-process). The workdir
 # must be a filesystem every host sees (NFS, or gs://... for Orbax).

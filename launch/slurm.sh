@@ -28,7 +28,7 @@
 # sees). Everything after the script's name is the command each task runs:
 #
 #   sbatch launch/slurm.sh python -m cnn_jax.main --config=configs/alexnet.py \
-#       --workdir=/shared/runs/alexnet --config.manual_dir=/shared/imagenet
+#       --workdir=/shared/runs/alexnet --config.data.manual_dir=/shared/imagenet
 #
 # Other sizes: sbatch's own flags override the lines above, e.g. one node of 4 GPUs:
 #   sbatch --nodes=1 --ntasks-per-node=4 --gpus-per-node=4 launch/slurm.sh python -m ...

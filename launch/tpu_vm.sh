@@ -7,7 +7,7 @@
 #   launch/tpu_vm.sh create                      # the TPU VM slice
 #   launch/tpu_vm.sh install                     # this checkout + jax[tpu] on every host
 #   launch/tpu_vm.sh train --config=configs/alexnet.py --workdir=gs://BUCKET/alexnet \
-#       --config.data_dir=gs://BUCKET/tensorflow_datasets   # the same command on every host
+#       --config.data.data_dir=gs://BUCKET/tensorflow_datasets   # the same command on every host
 #   launch/tpu_vm.sh ssh 'python -c "import jax; print(jax.device_count())"'
 #   launch/tpu_vm.sh delete
 #
@@ -23,7 +23,7 @@
 #
 # The workdir must be storage every host sees: a gs:// bucket (Orbax writes checkpoints there
 # from every host, process 0 writes metrics). The dataset must be readable on every host
-# (--config.data_dir=gs://... for a prepared TFDS copy). A v4-16 slice has 8 TensorCore
+# (--config.data.data_dir=gs://... for a prepared TFDS copy). A v4-16 slice has 8 TensorCore
 # devices, so configs/alexnet.py runs a 4x2 mesh: 4-way data parallel, the towers on pairs.
 # Only checked on paper against Google's documentation (docs/multihost.md says which pages).
 set -euo pipefail

@@ -23,27 +23,28 @@ SIDE = 64  # AlexNet's smallest input
 WIDTH_DIVISOR = 4
 
 
-def config(**overrides):
+def config(mesh_model: int = 2, **groups):
+    """The reduced AlexNet every multi-device test trains; `groups` override fields, as
+    mesh={"spmd": "pmap"}."""
     from cnn_jax import defaults
 
-    c = defaults.get_default_config()
-    c.model = "alexnet"
-    c.dataset = "synthetic"
-    c.num_classes = 10
-    c.image_size = SIDE
-    c.preprocess = "scale_to_unit"
-    c.width_divisor = WIDTH_DIVISOR
-    c.batch_size = BATCH
-    c.synthetic_train_size = 64
-    c.synthetic_eval_size = 16
-    c.mesh_model = 2
-    c.dropout_rate = 0.0  # dropout masks depend on the data axis's size (see README)
-    c.learning_rate = 0.01
-    c.momentum = 0.9
-    c.weight_decay = 5e-4
-    c.progress_bar = False
-    for k, v in overrides.items():
-        c[k] = v
+    c = defaults.get_default_config("alexnet")
+    c.model.width_divisor = WIDTH_DIVISOR
+    c.model.dropout_rate = 0.0  # dropout masks depend on the data axis's size (docs)
+    c.data.name = "synthetic"
+    c.data.num_classes = 10
+    c.data.synthetic_train_size = 64
+    c.data.synthetic_eval_size = 16
+    c.input.image_size = SIDE
+    c.input.preprocess = "scale_to_unit"
+    c.input.batch_size = BATCH
+    c.mesh.model = mesh_model
+    c.optim.learning_rate = 0.01
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 5e-4
+    c.run.progress_bar = False
+    for group, fields in groups.items():
+        c[group].update(fields)
     return c
 
 
@@ -121,7 +122,7 @@ def main():
 
     from cnn_jax import train
 
-    trainer = train.Trainer(config())
+    trainer = train.build_trainer(config())
     _, metrics = run_steps(trainer, initial_state(trainer))
     if jax.process_index() == 0:
         print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),

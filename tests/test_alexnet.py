@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_jax import defaults, models, validation
+from cnn_jax import defaults, experiment, models, validation
 from cnn_jax.errors import UserError
 from cnn_jax.models import alexnet
 from cnn_jax.models.layers import local_response_norm
@@ -39,8 +39,9 @@ def _shapes(model, side=224):
 
     def run(x):
         variables = model.init(jax.random.key(0), x, train=False)
-        _, state = model.apply(variables, x, train=False, capture_intermediates=True,
-                               mutable=["intermediates"])  # fmt: skip
+        _, state = model.apply(
+            variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+        )
         return variables["params"], state["intermediates"]
 
     return jax.eval_shape(run, x)
@@ -114,10 +115,13 @@ def host_params(model, side=64, seed=0):
         lambda: model.init(jax.random.key(0), jnp.zeros((1, side, side, 3)), train=False)
     )["params"]
     rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, s: np.full(s.shape, 0.1, np.float32) if path[-1].key == "bias"
-        else rng.normal(0.0, 0.01, s.shape).astype(np.float32), shapes,
-    )  # fmt: skip
+
+    def draw(path, s):
+        if path[-1].key == "bias":
+            return np.full(s.shape, 0.1, np.float32)
+        return rng.normal(0.0, 0.01, s.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _towers(y):
@@ -143,8 +147,9 @@ def test_towers_talk_only_at_conv3_and_the_fc_layers():
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(perturb_tower0_input):
-            _, state = model.apply(params, x, train=False, capture_intermediates=True,
-                                   mutable=["intermediates"])  # fmt: skip
+            _, state = model.apply(
+                params, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+            )
         return {k: state["intermediates"][k]["__call__"][0] for k in layers}
 
     @jax.jit  # one compilation for the reference and the four perturbed runs
@@ -197,51 +202,99 @@ def test_dropout_only_in_training_and_half_precision_computes_in_bfloat16():
 
 
 def _config(**overrides):
-    c = defaults.get_default_config()
-    c.model = "alexnet"
-    c.dataset = "synthetic"
-    c.image_size = 64
-    c.preprocess = "scale_to_unit"
-    c.batch_size = 8
-    c.mesh_model = 2
-    for k, v in overrides.items():
-        c[k] = v
+    """The nested config of a small AlexNet run; overrides by dotted name ("input.image_size")."""
+    c = defaults.get_default_config("alexnet")
+    c.data.name = "synthetic"
+    c.input.image_size = 64
+    c.input.preprocess = "scale_to_unit"
+    c.input.batch_size = 8
+    c.mesh.model = 2
+    for path, value in overrides.items():
+        if path == "model.name":
+            c.model = models.model_config(value)
+            continue
+        group, field = path.split(".")
+        c[group][field] = value
     return c
+
+
+def _check(config, num_devices, process_count=1):
+    """What a run checks before compiling: the machine-resolved copy's mesh against the
+    devices and processes (validation), and the model's own arguments (experiment.model)."""
+    resolved = experiment.resolve(config, num_devices, process_count)
+    mesh = resolved.mesh
+    validation.check_mesh(
+        data=mesh.data, model=mesh.model, spmd=mesh.spmd,
+        batch_size=resolved.input.batch_size, num_devices=num_devices,
+        process_count=process_count,
+    )  # fmt: skip
+    experiment.model(resolved)
+
+
+def _build(name="alexnet", **kw):
+    return models.build_model(name, num_classes=10, dtype=jnp.float32, **kw)
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"image_size": 63}, "needs at least 64"),
-        ({"mesh_model": 4}, "alexnet cannot be split over the model axis; it takes 1 or 2"),
-        ({"model": "lenet5", "image_size": 32, "preprocess": "lenet"}, "lenet5 cannot be split"),
-        ({"mesh_model": 3}, "does not fit the 8 available devices"),
-        ({"mesh_data": 2}, "does not fit the 8 available devices"),
-        ({"width_divisor": 3}, "--config.width_divisor=3 is not one of: 1, 2, 4, 8, 16"),
+        ({"input.image_size": 63}, "needs at least 64"),
+        ({"mesh.model": 4}, "alexnet cannot be split over the model axis; it takes 1 or 2"),
+        (
+            {"model.name": "lenet5", "input.image_size": 32, "input.preprocess": "lenet"},
+            "lenet5 cannot be split",
+        ),
+        ({"mesh.model": 3}, "does not fit the 8 available devices"),
+        ({"mesh.data": 2}, "does not fit the 8 available devices"),
+        (
+            {"model.width_divisor": 3},
+            "--config.model.width_divisor=3 is not one of: 1, 2, 4, 8, 16",
+        ),
     ],
 )
 def test_bad_meshes_and_sizes_are_one_line_before_compiling(overrides, message):
     with pytest.raises(UserError, match=message) as error:
-        validation.check_config(_config(**overrides), num_devices=8)
+        _check(_config(**overrides), num_devices=8)
     assert "\n" not in str(error.value)
+
+
+def test_the_model_rejects_its_own_bad_arguments_in_one_line():
+    cases = [
+        (lambda: models.check_input("alexnet", 63, 10), "image_size=63 is too small for alexnet"),
+        (lambda: _build(model_axis=4), "--config.mesh.model=4: alexnet cannot be split"),
+        (lambda: _build(width_divisor=3), "--config.model.width_divisor=3 is not one of: 1, 2,"),
+        (lambda: _build(variant="D"), "--config.model.variant: alexnet has no such field"),
+        (lambda: _build("alexnet_single_tower", model_axis=2), "alexnet_single_tower cannot"),
+    ]
+    for call, message in cases:
+        with pytest.raises(UserError, match=message) as error:
+            call()
+        assert "\n" not in str(error.value)
 
 
 def test_processes_must_hold_whole_data_shards():
     """Each process reads its own examples: two processes with one device each cannot split
     one data shard's towers between them (and pmap runs in one process)."""
     with pytest.raises(UserError, match=r"data axis \(1\) is not a multiple of the 2 processes"):
-        validation.check_config(_config(), num_devices=2, process_count=2)
+        _check(_config(), num_devices=2, process_count=2)
     with pytest.raises(UserError, match="spmd=pmap runs in one process"):
-        validation.check_config(_config(spmd="pmap"), num_devices=8, process_count=2)
-    validation.check_config(_config(), num_devices=8, process_count=2)  # 4x2 over 2 x 4
+        _check(_config(**{"mesh.spmd": "pmap"}), num_devices=8, process_count=2)
+    _check(_config(), num_devices=8, process_count=2)  # 4x2 over 2 x 4
 
 
 def test_registry_splits_the_towers_only_on_a_model_axis_of_two():
-    assert models.build_model(_config(mesh_model=2)).tower_axis == "model"
-    assert models.build_model(_config(mesh_model=1)).tower_axis is None
-    single = models.build_model(_config(model="alexnet_single_tower", mesh_model=1))
+    assert _build(model_axis=2).tower_axis == "model"
+    assert _build(model_axis=1).tower_axis is None
+    single = _build("alexnet_single_tower", model_axis=1)
     assert single.towers == 1 and single.tower_axis is None
-    validation.check_config(_config(mesh_model=2), num_devices=8)  # 4x2 is fine
+    spec = models.spec("alexnet")
+    assert (spec.model_axis_sizes, spec.towers, spec.preprocess) == ((1, 2), 2, "alexnet")
+    assert models.model_config("alexnet").to_dict() == {
+        "name": "alexnet",
+        "dropout_rate": 0.5,
+        "width_divisor": 1,
+    }
+    _check(_config(**{"mesh.model": 2}), num_devices=8)  # 4x2 is fine
 
 
 def _load_config(arg=None):
@@ -253,15 +306,25 @@ def _load_config(arg=None):
 
 def test_config_is_the_papers_recipe():
     c = _load_config()
-    # mesh_model 0: the towers' split is chosen per machine (test_the_mesh_is_chosen_per_machine)
-    assert (c.model, c.mesh_model, c.image_size, c.dataset) == ("alexnet", 0, 224, "imagenet2012")
-    assert (c.optimizer, c.momentum, c.weight_decay, c.batch_size) == ("sgd", 0.9, 5e-4, 128)
-    assert (c.learning_rate, c.lr_schedule, c.num_epochs, c.dropout_rate) == (
-        0.01, "plateau", 90.0, 0.5)  # fmt: skip
-    assert c.preprocess == "alexnet"
+    # mesh.model 0: the towers' split is chosen per machine (test_the_mesh_is_chosen_per_machine)
+    assert (c.model.name, c.mesh.model, c.input.image_size, c.data.name) == (
+        "alexnet",
+        0,
+        224,
+        "imagenet2012",
+    )
+    assert (c.optim.name, c.optim.momentum, c.optim.weight_decay, c.input.batch_size) == (
+        "sgd",
+        0.9,
+        5e-4,
+        128,
+    )
+    assert (c.optim.learning_rate, c.optim.schedule, c.run.num_epochs) == (0.01, "plateau", 90.0)
+    assert c.model.dropout_rate == 0.5 and c.input.preprocess == "alexnet"
     single = _load_config("single_tower")
-    assert single.model == "alexnet_single_tower"
-    assert models.resolve_mesh_model(single, 8) is None and single.mesh_model == 1
+    assert single.model.name == "alexnet_single_tower"
+    single.data.name = "synthetic"
+    assert experiment.resolve(single, 8).mesh.model == 1
 
 
 @pytest.mark.parametrize(
@@ -276,24 +339,28 @@ def test_config_is_the_papers_recipe():
     ],
 )
 def test_the_mesh_is_chosen_per_machine(devices, batch, processes, axis, says):
-    """configs/alexnet.py leaves the model axis to the machine (mesh_model=0): a device per
+    """configs/alexnet.py leaves the model axis to the machine (mesh.model=0): a device per
     tower where the devices hold whole tower pairs that split the batch and processes, else
     every device runs both towers; one line says which."""
     c = _load_config()
-    c.batch_size = batch
-    notice = models.resolve_mesh_model(c, devices, processes)
-    assert c.mesh_model == axis
+    c.data.name = "synthetic"
+    c.input.batch_size = batch
+    c = experiment.resolve(c, devices, processes)
+    notice = experiment.mesh_notice(c.model.name, c.mesh.model, devices)
+    assert c.mesh.model == axis
     assert says in notice and "\n" not in notice
-    assert (models.build_model(c).tower_axis == "model") == (axis == 2)
+    assert (experiment.model(c).tower_axis == "model") == (axis == 2)
 
 
 def test_a_mesh_the_user_chose_is_kept_or_refused():
-    c = _config(mesh_model=2)
-    assert models.resolve_mesh_model(c, 1) is None and c.mesh_model == 2
+    c = _config(**{"mesh.model": 2})
+    assert experiment.resolve(c, 1).mesh.model == 2
     with pytest.raises(UserError, match="does not fit the 1 available devices"):
-        validation.check_config(c, num_devices=1)
+        _check(c, num_devices=1)
     lenet = defaults.get_default_config()
-    lenet.mesh_model = 0
-    assert models.resolve_mesh_model(lenet, 8) is None and lenet.mesh_model == 1  # no towers
-    with pytest.raises(UserError, match=r"--config.mesh_model=-1 must be >= 1 \(or 0"):
-        validation.check_config(_config(mesh_model=-1), num_devices=8)
+    lenet.mesh.model = 0
+    lenet = experiment.resolve(lenet, 8)
+    assert lenet.mesh.model == 1  # no towers
+    assert experiment.mesh_notice(lenet.model.name, lenet.mesh.model, 8) is None
+    with pytest.raises(UserError, match=r"--config.mesh.model=-1 must be >= 1 \(or 0"):
+        _check(_config(**{"mesh.model": -1}), num_devices=8)

@@ -7,20 +7,19 @@ import os
 
 import pytest
 
-from cnn_jax import benchmark, defaults
+from cnn_jax import benchmark, defaults, experiment
 
 
 def _tiny_config():
-    c = defaults.get_default_config()
-    c.model = "lenet5_modern"
-    c.dataset = "synthetic"
-    c.synthetic_channels = 3  # three input maps: every convolution runs as its full arithmetic
-    c.synthetic_train_size = 64
-    c.synthetic_eval_size = 16
-    c.preprocess = "scale_to_unit"
-    c.image_size = 32
-    c.batch_size = 16  # two examples on each of the 8 test devices
-    c.cache = False
+    c = defaults.get_default_config("lenet5_modern")
+    c.data.name = "synthetic"
+    c.data.synthetic_channels = 3  # three input maps: every convolution runs in full
+    c.data.synthetic_train_size = 64
+    c.data.synthetic_eval_size = 16
+    c.input.preprocess = "scale_to_unit"
+    c.input.image_size = 32
+    c.input.batch_size = 16  # two examples on each of the 8 test devices
+    c.input.cache = False
     return c
 
 
@@ -36,10 +35,22 @@ def _forward_macs() -> int:
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
+def _torch_reference():
+    """benchmarks/torch_reference.py's `from_trainer` (the repository's, not the package's)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks",
+                        "torch_reference.py")  # fmt: skip
+    spec = importlib.util.spec_from_file_location("_torch_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.from_trainer
+
+
 @pytest.fixture(scope="module")
 def result():
-    return benchmark.run(_tiny_config(), steps=4, warmup=1, input_steps=2,
-                         with_torch=HAVE_TORCH, rounds=2)  # fmt: skip
+    reference = _torch_reference() if HAVE_TORCH else None
+    return benchmark.run(
+        _tiny_config(), steps=4, warmup=1, input_steps=2, rounds=2, reference=reference
+    )
 
 
 def test_fields_are_present_and_positive(result):
@@ -101,17 +112,20 @@ def test_without_input_steps_the_data_is_never_opened(tmp_path):
     (ImageNet, or MNIST with no network) still runs, on synthetic examples of its shape,
     and leaves no dataset folders behind."""
     c = _tiny_config()
-    c.dataset, c.data_dir = "mnist", str(tmp_path)
+    c.data.name, c.data.data_dir = "mnist", str(tmp_path)
     result = benchmark.run(c, steps=1, warmup=0, input_steps=0)
     assert result["dataset"] == "synthetic" and result["images_per_sec"] > 0
     assert result["input_images_per_sec"] is None and result["input_images_per_cpu_sec"] is None
     assert os.listdir(tmp_path) == []
-    imagenet = benchmark.without_dataset(_load_config("alexnet.py"))
-    assert (imagenet.dataset, imagenet.synthetic_channels, imagenet.num_classes) == (
-        "synthetic", 3, 1000)  # fmt: skip
-    mnist = benchmark.without_dataset(_load_config("lenet.py"))
-    assert (mnist.synthetic_channels, mnist.num_classes) == (1, 10)
-    assert mnist.synthetic_train_size >= mnist.batch_size
+    imagenet = experiment.with_synthetic_data(_load_config("alexnet.py")).data
+    assert (imagenet.name, imagenet.synthetic_channels, imagenet.num_classes) == (
+        "synthetic",
+        3,
+        1000,
+    )
+    mnist = experiment.with_synthetic_data(_load_config("lenet.py"))
+    assert (mnist.data.synthetic_channels, mnist.data.num_classes) == (1, 10)
+    assert mnist.data.synthetic_train_size >= mnist.input.batch_size
 
 
 def _load_config(name):

@@ -14,17 +14,27 @@ import PIL.Image
 import pytest
 import tensorflow as tf
 
-from cnn_jax import defaults, evaluate, optim, parallel, train, validation, visualize
-from cnn_jax.data import pipeline, preprocess
+from cnn_jax import defaults, evaluate, experiment, optim, parallel, train, visualize
+from cnn_jax.data import preprocess
 from cnn_jax.errors import UserError
 from cnn_jax.parallel import DATA_AXIS
 
 
-def _config(**overrides):
-    c = defaults.get_default_config()
-    for k, v in overrides.items():
-        c[k] = v
+def _prep(name, image_size, **params):
+    return preprocess.Preprocessing(name=name, image_size=image_size, **params)
+
+
+def _config(model="lenet5_modern", **groups):
+    """The defaults for `model`; `groups` override fields, as input={"image_size": 32}."""
+    c = defaults.get_default_config(model)
+    for group, fields in groups.items():
+        c[group].update(fields)
     return c
+
+
+def _built(config):
+    """What a run on the 8 test devices builds from config, each part checked."""
+    return experiment.build(experiment.resolve(config, 8), 8)
 
 
 def _rgb(h, w, seed=0):
@@ -61,15 +71,12 @@ OP_CASES = [
 
 @pytest.mark.parametrize("name,image,overrides", OP_CASES)
 def test_op_gives_the_same_result_eagerly_and_in_tf_data(name, image, overrides):
-    config = _config(image_size=32, preprocess=name, **overrides)
-    op = preprocess.PREPROCESSORS[name]
+    op = _prep(name, 32, **overrides).op
     for train_mode in (True, False):
         seeds = [tf.constant([7, i], tf.int64) for i in range(3)]
-        eager = [op(tf.constant(image), s, train=train_mode, config=config).numpy() for s in seeds]
+        eager = [op(tf.constant(image), s, train=train_mode).numpy() for s in seeds]
         ds = tf.data.Dataset.from_tensor_slices(tf.stack(seeds)).map(
-            lambda s, train_mode=train_mode: op(
-                tf.constant(image), s, train=train_mode, config=config
-            )
+            lambda s, train_mode=train_mode: op(tf.constant(image), s, train=train_mode)
         )
         mapped = list(ds.as_numpy_iterator())
         for a, b in zip(eager, mapped, strict=True):
@@ -86,11 +93,11 @@ def _coordinate_image(side):
 
 
 def test_alexnet_crops_are_windows_of_the_256_square_and_flips_mirror_them():
-    config = _config(image_size=224, preprocess="alexnet", pca_lighting_std=0.0)
+    prep = _prep("alexnet", 224, pca_lighting_std=0.0)
     image = tf.constant(_coordinate_image(256))
     corners, flips = set(), set()
     for i in range(12):
-        out = preprocess.alexnet(image, tf.constant([1, i], tf.int64), train=True, config=config)
+        out = prep.train(image, tf.constant([1, i], tf.int64))
         pixels = np.rint(out.numpy() + preprocess.IMAGENET_MEAN_RGB).astype(int)
         top, left = pixels[0, 0, 0], pixels[0, :, 1].min()
         rows = np.broadcast_to((top + np.arange(224))[:, None], (224, 224))
@@ -102,34 +109,27 @@ def test_alexnet_crops_are_windows_of_the_256_square_and_flips_mirror_them():
         corners.add((top, left))
         flips.add(flipped)
     assert len(corners) > 6 and flips == {True, False}
-    centre = preprocess.alexnet(image, tf.zeros([2], tf.int64), train=False, config=config)
+    centre = prep.center(image)
     pixels = np.rint(centre.numpy() + preprocess.IMAGENET_MEAN_RGB).astype(int)
     assert pixels[0, 0, 0] == 16 and pixels[0, 0, 1] == 16 and pixels[-1, -1, 1] == 239
 
 
 def test_alexnet_rescales_the_shorter_side_and_keeps_the_central_square():
-    config = _config(image_size=224, preprocess="alexnet")
+    prep = _prep("alexnet", 224)
     square = preprocess.rescaled_square(tf.constant(_rgb(300, 600)), 256)
     assert square.shape == (256, 256, 3)
     resized = preprocess.resize_shorter_side(tf.constant(_rgb(300, 600)), 256)
     assert resized.shape == (256, 512, 3)
     # small images (CIFAR-10 into a 224 net) are upsampled by the same resize
-    out = preprocess.alexnet(
-        tf.constant(_rgb(32, 32)), tf.zeros([2], tf.int64), train=True, config=config
-    )
+    out = prep.train(tf.constant(_rgb(32, 32)), tf.zeros([2], tf.int64))
     assert out.shape == (224, 224, 3)
 
 
 def test_vgg_draws_the_training_scale_from_its_range():
     """A vertical ramp rescaled to S has a slope that identifies S: the crops reveal the S
     drawn for each image."""
-    config = _config(
-        image_size=32,
-        preprocess="vgg",
-        pca_lighting_std=0.0,
-        train_scale_min=256,
-        train_scale_max=512,
-    )  # S in [37, 73]
+    prep = _prep("vgg", 32, pca_lighting_std=0.0, train_scale_min=256, train_scale_max=512)
+    # S in [37, 73]
     side = 80
     ramp = np.repeat(np.arange(side, dtype=np.uint8)[:, None], side, 1)
     image = tf.constant(np.stack([ramp] * 3, -1))
@@ -140,7 +140,7 @@ def test_vgg_draws_the_training_scale_from_its_range():
     slope_of = {s: slope(preprocess.resize_shorter_side(image, s)) for s in range(30, 90)}
     scales = set()
     for i in range(24):
-        out = preprocess.vgg(image, tf.constant([3, i], tf.int64), train=True, config=config)
+        out = prep.train(image, tf.constant([3, i], tf.int64))
         measured = slope(out)
         scales.add(min(slope_of, key=lambda s, m=measured: abs(slope_of[s] - m)))
     assert min(scales) >= 37 and max(scales) <= 73 and len(scales) >= 8, scales
@@ -165,11 +165,9 @@ def test_pca_colour_shift_has_the_stated_mean_and_covariance():
     assert np.all(np.abs(shifts.mean(0)) < 4 * std / np.sqrt(n))
     np.testing.assert_allclose(np.cov(shifts.T), want_cov, rtol=0.05, atol=0.05 * std.max() ** 2)
     # The op adds one offset per image: on a flat grey image train - eval is that constant.
-    config = _config(image_size=32, preprocess="alexnet")
+    prep = _prep("alexnet", 32)
     grey = tf.constant(np.full((40, 40, 3), 128, np.uint8))
-    diff = preprocess.alexnet(
-        grey, tf.constant([0, 1], tf.int64), train=True, config=config
-    ) - preprocess.alexnet(grey, tf.zeros([2], tf.int64), train=False, config=config)
+    diff = prep.train(grey, tf.constant([0, 1], tf.int64)) - prep.center(grey)
     np.testing.assert_allclose(
         diff.numpy(), np.broadcast_to(diff.numpy()[0, 0], diff.shape), atol=1e-3
     )
@@ -177,11 +175,11 @@ def test_pca_colour_shift_has_the_stated_mean_and_covariance():
 
 
 def test_lenet_distortions_only_in_training_and_background_fills_the_border():
-    config = _config(image_size=32, preprocess="lenet", lenet_distortions=True)
+    prep = _prep("lenet", 32, lenet_distortions=True)
     digit = np.zeros((28, 28, 1), np.uint8)
     digit[8:20, 12:16] = 255
-    plain = preprocess.lenet(digit, tf.zeros([2], tf.int64), train=False, config=config).numpy()
-    bent = preprocess.lenet(digit, tf.constant([0, 3], tf.int64), train=True, config=config).numpy()
+    plain = prep.center(digit).numpy()
+    bent = prep.train(digit, tf.constant([0, 3], tf.int64)).numpy()
     assert not np.allclose(plain, bent)
     np.testing.assert_allclose(bent[0], preprocess.LENET_BACKGROUND, atol=1e-6)
     assert bent.max() > 1.0  # the stroke survives the transform
@@ -190,12 +188,11 @@ def test_lenet_distortions_only_in_training_and_background_fills_the_border():
 def test_lenet_preprocessing_of_images_known_only_at_run_time():
     """A folder's JPEGs have no static size: larger ones are shrunk to the input side, the
     28x28 digits padded, both inside tf.data.map."""
-    config = _config(image_size=32, preprocess="lenet")
+    prep = _prep("lenet", 32)
     spec = tf.TensorSpec([None, None, 3], tf.uint8)
     images = [np.full((80, 60, 3), 255, np.uint8), np.full((28, 28, 3), 255, np.uint8)]
     ds = tf.data.Dataset.from_generator(lambda: iter(images), output_signature=spec)
-    seed = tf.zeros([2], tf.int64)
-    large, small = ds.map(lambda im: preprocess.lenet(im, seed, train=False, config=config))
+    large, small = ds.map(prep.center)
     assert large.shape == small.shape == (32, 32, 1)  # RGB -> luminance: LeNet-5 reads grey
     np.testing.assert_allclose(large.numpy(), preprocess.LENET_INK, atol=1e-5)  # all ink
     small = small.numpy()
@@ -231,13 +228,13 @@ def _state(params):
     )
 
 
-def _run_step(fn, config, model, params, batch):
-    mesh = parallel.make_mesh(config)
+def _run_step(evaluator, params, batch):
+    mesh = parallel.make_mesh(-1, 1)
     state = _state(params)
     specs = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), state)
     batch_spec = {k: jax.sharding.PartitionSpec(DATA_AXIS) for k in batch}
     step = parallel.compile_per_device(
-        lambda s, b: fn(s, b, model=model, config=config),
+        evaluator.step,
         mesh,
         (specs, batch_spec),
         jax.sharding.PartitionSpec(),
@@ -266,14 +263,14 @@ def test_ten_crop_views_are_the_corners_the_centre_and_their_mirrors():
 
 
 def test_ten_crop_step_averages_the_softmax_of_the_ten_views():
-    config = _config(image_size=12, num_classes=7)
     model = _Scores(size=12)
+    ten_crop = evaluate.TenCrop(model=model, loss=None, prep=_prep("alexnet", 12), top5=True)
     images = np.random.RandomState(0).normal(size=(8, 14, 14, 3)).astype(np.float32)
     labels = np.arange(8, dtype=np.int32) % 7
     mask = np.array([1, 1, 1, 1, 1, 1, 1, 0], np.float32)
     params = model.init(jax.random.key(1), images[:, :12, :12])["params"]
     batch = {"image": images, "label": labels, "mask": mask}
-    got = _run_step(evaluate.ten_crop_step, config, model, params, batch)
+    got = _run_step(ten_crop, params, batch)
 
     views = evaluate.ten_crop_views(jnp.asarray(images), 12)
     probs = np.mean([jax.nn.softmax(model.apply({"params": params}, v)) for v in views], 0)
@@ -284,17 +281,16 @@ def test_ten_crop_step_averages_the_softmax_of_the_ten_views():
 
 
 def test_dense_eval_at_256_and_384_averages_scales_and_mirrors():
-    config = _config(
-        image_size=224, num_classes=7, eval_mode="dense", preprocess="vgg", eval_scales=(256, 384)
-    )
-    assert preprocess.eval_view_sides(config) == {"image_q256": 256, "image_q384": 384}
-    views = preprocess.eval_views(tf.constant(_rgb(300, 400)), config)
+    model = _Scores()
+    dense = evaluate.Dense(model=model, loss=None, prep=_prep("vgg", 224), top5=True,
+                           dense_model=True, dense_scales=(256, 384))  # fmt: skip
+    assert dense.views == {"image_q256": 256, "image_q384": 384}
+    views = dense.prep.views(tf.constant(_rgb(300, 400)), dense.views)
     assert {k: tuple(v.shape) for k, v in views.items()} == {
         "image_q256": (256, 256, 3),
         "image_q384": (384, 384, 3),
     }
 
-    model = _Scores()
     rng = np.random.RandomState(1)
     batch = {
         "image_q256": rng.normal(size=(8, 256, 256, 3)).astype(np.float32),
@@ -303,7 +299,7 @@ def test_dense_eval_at_256_and_384_averages_scales_and_mirrors():
         "mask": np.ones(8, np.float32),
     }
     params = model.init(jax.random.key(2), batch["image_q256"][:1], dense=True)["params"]
-    got = _run_step(evaluate.dense_step, config, model, params, batch)
+    got = _run_step(dense, params, batch)
 
     def posterior(x):
         return jax.nn.softmax(model.apply({"params": params}, x, dense=True))
@@ -319,34 +315,20 @@ def test_dense_eval_at_256_and_384_averages_scales_and_mirrors():
     assert not np.allclose(per_scale[0], per_scale[1], atol=1e-3)
 
 
-def test_eval_modes_are_checked_before_anything_compiles():
-    with pytest.raises(UserError, match="eval_mode=dense needs a model"):
-        validation.check_config(
-            _config(
-                model="lenet5_modern",
-                preprocess="scale_to_unit",
-                dataset="synthetic",
-                eval_mode="dense",
-            ),
-            8,
-        )
-    with pytest.raises(UserError, match=r"eval_mode=ten_crop needs --config\.preprocess"):
-        validation.check_config(_config(eval_mode="ten_crop"), 8)
+def test_evaluators_are_checked_before_anything_compiles():
+    synthetic = {"name": "synthetic"}
+    with pytest.raises(UserError, match="evaluators=dense needs a model"):
+        _built(_config("alexnet_single_tower", input={"preprocess": "vgg", "image_size": 224},
+                       data=synthetic, eval={"evaluators": "dense"}))  # fmt: skip
+    with pytest.raises(UserError, match=r"evaluators=ten_crop needs --config\.input\.preprocess"):
+        _built(_config(data=synthetic, eval={"evaluators": "center,ten_crop"}))
+    with pytest.raises(UserError, match="evaluators='centre'"):
+        _built(_config(data=synthetic, eval={"evaluators": "centre"}))
     with pytest.raises(UserError, match=r"preprocess=alexnet takes images with 1 or 3"):
-        validation.check_config(
-            _config(
-                preprocess="alexnet", model="lenet5_modern", dataset="synthetic",
-                synthetic_channels=2,
-            ),
-            8,
-        )  # fmt: skip
+        _built(_config(input={"preprocess": "alexnet"},
+                       data={"name": "synthetic", "synthetic_channels": 2}))  # fmt: skip
     with pytest.raises(UserError, match="train_scale_min"):
-        validation.check_config(
-            _config(
-                preprocess="vgg", dataset="synthetic", model="lenet5_modern", train_scale_min=600
-            ),
-            8,
-        )
+        _built(_config(input={"preprocess": "vgg", "train_scale_min": 600}, data=synthetic))
 
 
 # --- Folder datasets, eval_only, pictures ---------------------------------------------------
@@ -374,20 +356,12 @@ def _write_folder(root, corrupt=True):
     return bad
 
 
-def _folder_config(root, **overrides):
+def _folder_config(root, eval_only=False):
     return _config(
-        model="lenet5_modern",
-        dataset="image_folder",
-        manual_dir=root,
-        image_size=32,
-        preprocess="alexnet",
-        eval_mode="ten_crop",
-        batch_size=8,
-        num_train_steps=4,
-        log_every_steps=2,
-        eval_every_epochs=1000.0,
-        progress_bar=False,
-        **overrides,
+        data={"name": "image_folder", "manual_dir": root},
+        input={"image_size": 32, "preprocess": "alexnet", "batch_size": 8},
+        eval={"evaluators": "ten_crop", "every_epochs": 1000.0, "only": eval_only},
+        run={"num_train_steps": 4, "log_every_steps": 2, "progress_bar": False},
     )
 
 
@@ -420,14 +394,14 @@ def test_folder_with_corrupt_jpegs_trains_and_reports_them_once(folder_run):
     evals = [r for r in records if r["split"] == "eval"]
     assert len(evals) == 1 and 0.0 <= evals[0]["accuracy"] <= 1.0
     config = _read_json(os.path.join(folder_run["workdir"], "config.json"))
-    assert config["num_classes"] == 2
+    assert config["data"]["num_classes"] == 2
 
 
 def test_eval_only_writes_results_and_needs_a_checkpoint(folder_run, tmp_path):
     workdir = folder_run["workdir"]
     train.train_and_evaluate(_folder_config(folder_run["root"], eval_only=True), workdir)
     results = _read_json(os.path.join(workdir, "eval_results.json"))
-    assert results["step"] == 4 and results["eval_mode"] == "ten_crop"
+    assert results["step"] == 4 and results["evaluators"] == ["ten_crop"]
     assert results["num_examples"] == 8 and 0.0 <= results["accuracy"] <= 1.0
     records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     last = [r for r in records if r["split"] == "eval"][-1]
@@ -441,9 +415,9 @@ def test_eval_only_writes_results_and_needs_a_checkpoint(folder_run, tmp_path):
 def test_folder_without_images_is_one_clear_error(tmp_path):
     os.makedirs(tmp_path / "train" / "cat")
     with pytest.raises(UserError, match="no images"):
-        train.Trainer(_folder_config(str(tmp_path)))
-    with pytest.raises(UserError, match=r"needs --config\.manual_dir"):
-        train.Trainer(_folder_config(""))
+        train.build_trainer(_folder_config(str(tmp_path)))
+    with pytest.raises(UserError, match=r"needs --config\.data\.manual_dir"):
+        train.build_trainer(_folder_config(""))
 
 
 def test_folder_without_an_eval_split_fails_before_training(tmp_path):
@@ -451,13 +425,13 @@ def test_folder_without_an_eval_split_fails_before_training(tmp_path):
         os.makedirs(tmp_path / split / "cat")
         (tmp_path / split / "cat" / "a.jpg").write_bytes(b"")
     with pytest.raises(UserError, match="no validation / val / test split"):
-        train.Trainer(_folder_config(str(tmp_path)))
+        train.build_trainer(_folder_config(str(tmp_path)))
 
 
 def test_eval_pipeline_carries_the_ten_crop_square(folder_run):
-    config = _folder_config(folder_run["root"])
-    batch = next(pipeline.eval_dataset(config).as_numpy_iterator())
-    side = preprocess.ten_crop_side(config)
+    built = _built(_folder_config(folder_run["root"]))
+    batch = next(built.eval_batches(built.evaluators[0].views).as_numpy_iterator())
+    side = built.prep.ten_crop_side
     assert side == 37 and batch["image"].shape == (8, side, side, 3)
 
 
@@ -482,16 +456,16 @@ def test_alexnet_conv1_picture_has_one_panel_per_tower(tmp_path):
 
 
 def test_plateau_policy_divides_by_ten_after_patience_at_most_three_times():
-    config = _config(
-        lr_schedule="plateau", plateau_patience=2, plateau_max_drops=3, learning_rate=0.1
-    )
-    tx = optim.make_optimizer(config, steps_per_epoch=10, total_steps=100)
+    fields = _config().optim
+    fields.update(schedule="plateau", plateau_patience=2, plateau_max_drops=3, learning_rate=0.1)
+    optimizer = optim.make_optimizer(**fields, steps_per_epoch=10, total_steps=100)
+    tx, rule = optimizer.tx, optimizer.plateau
     params = {"w": jnp.ones(3)}
     opt_state = tx.init(params)
     plateau = optim.find_plateau_state(opt_state)
     factors = []
     for accuracy in [0.5, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]:
-        plateau = optim.plateau_update(plateau, accuracy, config)
+        plateau = rule.next_state(plateau, accuracy)
         factors.append(float(plateau.factor))
     # improves, improves, flat, flat -> /10; improves; then flat pairs -> /10 twice more, no more
     np.testing.assert_allclose(

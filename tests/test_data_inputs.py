@@ -11,14 +11,17 @@ import json
 import os
 import tomllib
 
+import jax
 import numpy as np
 import PIL.Image
 import pytest
 import tensorflow as tf
 from test_faults import _no_compiles, run_main
 
-from cnn_jax import defaults, summary, train, validation
+from cnn_jax import defaults, experiment, summary
 from cnn_jax.data import bundled_digits, image_folder, pipeline, preprocess
+from cnn_jax.data.datasets import Source
+from cnn_jax.data.preprocess import Preprocessing
 from cnn_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,11 +29,17 @@ CONFIGS = os.path.join(REPO, "configs")
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601
 
 
-def _config(**overrides):
-    c = defaults.get_default_config()
-    for k, v in overrides.items():
-        c[k] = v
+def _config(model: str, overrides: dict):
+    """The default config for `model` with `overrides` ({"input.image_size": 64, ...})."""
+    c = defaults.get_default_config(model)
+    c.update_from_flattened_dict(overrides)
     return c
+
+
+def _built(config) -> experiment.Experiment:
+    """Every part of config's run, built and checked as cnn_jax.main does (nothing compiles)."""
+    devices = jax.device_count()
+    return experiment.build(experiment.resolve(config, devices), devices)
 
 
 def _encoded(image: PIL.Image.Image, fmt: str, **options) -> bytes:
@@ -87,19 +96,20 @@ def test_files_of_any_colour_type_give_what_their_rgb_image_gives(variant):
     """Through the real ops, eagerly and inside tf.data.map: LeNet-5 gets the luminance of the
     file's RGB rendering (1 channel), AlexNet and scale_to_unit its RGB (3 channels)."""
     data, rgb, levels = FILE_VARIANTS[variant]
-    config = _config(image_size=SIDE)
-    seed = tf.zeros([2], tf.int64)
     references = {"lenet": _luma(rgb), "alexnet": rgb, "scale_to_unit": rgb}
     # One level of the input, in each op's output units.
-    level = {"lenet": (preprocess.LENET_INK - preprocess.LENET_BACKGROUND) / 255,
-             "alexnet": 1.0, "scale_to_unit": 1 / 127.5}  # fmt: skip
+    level = {
+        "lenet": (preprocess.LENET_INK - preprocess.LENET_BACKGROUND) / 255,
+        "alexnet": 1.0,
+        "scale_to_unit": 1 / 127.5,
+    }
     for name, reference in references.items():
-        op = preprocess.PREPROCESSORS[name]
-        run = lambda image, op=op: op(image, seed, train=False, config=config)
+        prep = Preprocessing(name, SIDE)
+        run = prep.center
         want = run(tf.constant(reference)).numpy()
         eager = run(tf.constant(data)).numpy()
         (mapped,) = tf.data.Dataset.from_tensors(tf.constant(data)).map(run).as_numpy_iterator()
-        channels = preprocess.INPUT_CHANNELS[name] or 3
+        channels = prep.spec.input_channels or 3
         assert eager.shape == mapped.shape == (SIDE, SIDE, channels), (name, eager.shape)
         np.testing.assert_allclose(eager, mapped, atol=1e-5)
         np.testing.assert_allclose(eager, want, atol=levels * level[name] + 1e-3, err_msg=name)
@@ -118,12 +128,13 @@ def test_decoded_datasets_are_converted_to_the_ops_channels():
     rng = np.random.RandomState(0)
     grey = rng.randint(0, 256, (40, 50, 1)).astype(np.uint8)
     rgb = rng.randint(0, 256, (28, 28, 3)).astype(np.uint8)
-    config = _config(image_size=SIDE, lenet_distortions=True)
     seed = tf.constant([3, 4], tf.int64)
     for train_mode in (True, False):
-        run = lambda name, image, train_mode=train_mode: preprocess.PREPROCESSORS[name](
-            tf.constant(image), seed, train=train_mode, config=config
-        ).numpy()
+        run = lambda name, image, train_mode=train_mode: (
+            Preprocessing(name, SIDE, lenet_distortions=True)
+            .op(tf.constant(image), seed, train=train_mode)
+            .numpy()
+        )
         for name in ("alexnet", "vgg"):
             np.testing.assert_array_equal(run(name, grey), run(name, np.repeat(grey, 3, -1)))
             assert run(name, grey).shape == (SIDE, SIDE, 3)
@@ -134,25 +145,31 @@ def test_decoded_datasets_are_converted_to_the_ops_channels():
 
 
 def test_every_part_takes_the_model_input_channels_from_one_rule():
-    assert preprocess.input_channels("alexnet", 1) == preprocess.input_channels("vgg", 1) == 3
-    assert preprocess.input_channels("lenet", 3) == 1
-    assert preprocess.input_channels("scale_to_unit", 1) == 1
-    assert preprocess.input_channels("scale_to_unit", 3) == 3
-    digits = _config(model="alexnet", preprocess="alexnet", dataset="bundled_digits",
-                     image_size=64, width_divisor=8, mesh_model=1)  # fmt: skip
-    assert pipeline.input_channels(digits) == 3
-    assert summary.summarize(digits).input_shape == (64, 64, 3)
-    validation.check_config(digits, 8)  # was refused: "shifts RGB colours ... needs 3"
-    assert pipeline.channel_note(digits) == (
+    channels = lambda name, have: Preprocessing(name, 32).channels(have)
+    assert channels("alexnet", 1) == channels("vgg", 1) == 3
+    assert channels("lenet", 3) == 1
+    assert channels("scale_to_unit", 1) == 1
+    assert channels("scale_to_unit", 3) == 3
+    digits, alexnet = Source("bundled_digits"), Preprocessing("alexnet", 64)
+    assert pipeline.input_channels(digits, alexnet) == 3
+    assert pipeline.channel_note(digits, alexnet) == (
         "data: bundled_digits has 1 channel; converted to RGB (grey replicated) for "
-        "--config.preprocess=alexnet"
+        "--config.input.preprocess=alexnet"
     )
-    assert pipeline.channel_note(_config(dataset="bundled_digits", preprocess="lenet")) is None
+    assert pipeline.channel_note(digits, Preprocessing("lenet", 32)) is None
     # Only synthetic data can have a count that has no conversion.
-    odd = _config(dataset="synthetic", synthetic_channels=4, preprocess="alexnet",
-                  model="lenet5_modern")  # fmt: skip
+    odd = Source("synthetic", synthetic_channels=4)
     with pytest.raises(UserError, match=r"preprocess=alexnet takes images with 1 or 3 channels"):
-        validation.check_config(odd, 8)
+        pipeline.input_channels(odd, alexnet)
+    assert pipeline.input_channels(odd, Preprocessing("scale_to_unit", 32)) == 4
+
+
+def test_grey_digits_for_alexnet_are_a_valid_config_with_an_rgb_input():
+    digits = {"data.name": "bundled_digits", "input.preprocess": "alexnet"}
+    small = {"input.image_size": 64, "model.width_divisor": 8, "mesh.model": 1}
+    digits = _config("alexnet", {**digits, **small})
+    assert summary.summarize(digits).input_shape == (64, 64, 3)
+    assert _built(digits).input_shape == (1, 64, 64, 3)  # every check passes
 
 
 # --- The digits that ship with the package --------------------------------------------------
@@ -208,8 +225,8 @@ def test_files_the_pipeline_cannot_read_are_reported_and_hidden_ones_ignored(tmp
     root = str(tmp_path)
     _folder(root)
     cat = os.path.join(root, "train", "cat")
-    unreadable = [os.path.join(cat, name) for name in
-                  ("a.gif", "b.webp", "c.bmp", "d.tiff", "notes.txt", "truncated.jpg")]  # fmt: skip
+    names = ("a.gif", "b.webp", "c.bmp", "d.tiff", "notes.txt", "truncated.jpg")
+    unreadable = [os.path.join(cat, name) for name in names]
     for path in unreadable[:4]:  # real GIF, WebP, BMP and TIFF images
         _image_file(path)
     with open(unreadable[4], "w") as f:
@@ -225,10 +242,8 @@ def test_files_the_pipeline_cannot_read_are_reported_and_hidden_ones_ignored(tmp
     _image_file(os.path.join(root, "train", ".ipynb_checkpoints", "0.png"))  # not a class
     os.makedirs(os.path.join(root, ".ipynb_checkpoints"))  # not a split (and empty)
 
-    config = _config(dataset="image_folder", manual_dir=root, model="lenet5_modern",
-                     preprocess="alexnet", image_size=32, batch_size=8)  # fmt: skip
-    validation.check_config(config, 8)
-    assert image_folder.class_names(config) == ["cat", "dog"]
+    Source("image_folder", manual_dir=root)  # its layout checks pass
+    assert image_folder.class_names(root) == ["cat", "dog"]
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         scanned = image_folder.scan(root, "train")
@@ -249,9 +264,15 @@ def test_files_the_pipeline_cannot_read_are_reported_and_hidden_ones_ignored(tmp
 
 
 def _argv(workdir, *extra):
-    return [f"--config={CONFIGS}/lenet.py:modern", f"--workdir={workdir}",
-            "--config.dataset=image_folder", "--config.batch_size=8",
-            "--config.num_train_steps=2", "--config.progress_bar=False", *extra]  # fmt: skip
+    return [
+        f"--config={CONFIGS}/lenet.py:modern",
+        f"--workdir={workdir}",
+        "--config.data.name=image_folder",
+        "--config.input.batch_size=8",
+        "--config.run.num_train_steps=2",
+        "--config.run.progress_bar=False",
+        *extra,
+    ]
 
 
 def _fails_with_one_line_before_compiling(argv):
@@ -270,9 +291,10 @@ def test_a_train_class_folder_without_readable_images_is_one_error(tmp_path):
         f.write(b"\x00")
     bird = os.path.join(root, "train", "bird")
     err = _fails_with_one_line_before_compiling(
-        _argv(tmp_path / "w", f"--config.manual_dir={root}")
+        _argv(tmp_path / "w", f"--config.data.manual_dir={root}")
     )
-    assert err.startswith(f"error: --config.manual_dir={root}: class folder {bird} has no "), err
+    want = f"error: --config.data.manual_dir={root}: class folder {bird} has no "
+    assert err.startswith(want), err
     # Files that are there but cannot be read leave it as empty.
     root = str(tmp_path / "unreadable")
     _folder(root)
@@ -280,10 +302,14 @@ def test_a_train_class_folder_without_readable_images_is_one_error(tmp_path):
     _image_file(os.path.join(bird, "0.gif"))
     with open(os.path.join(bird, "1.jpg"), "w") as f:
         f.write("<html>")
-    config = _config(dataset="image_folder", manual_dir=root, model="lenet5_modern",
-                     preprocess="lenet", batch_size=8)  # fmt: skip
     with pytest.raises(UserError, match=f"class folder {bird} has no readable image"):
-        train.Trainer(config)
+        pipeline.steps_per_epoch(Source("image_folder", manual_dir=root), 8)
+    folder = {"data.name": "image_folder", "data.manual_dir": root}
+    config = _config(
+        "lenet5_modern", {**folder, "input.preprocess": "lenet", "input.batch_size": 8}
+    )
+    with pytest.raises(UserError, match=f"class folder {bird} has no readable image"):
+        _built(config)
 
 
 def test_a_class_only_in_the_eval_split_is_one_error_before_training(tmp_path):
@@ -291,10 +317,12 @@ def test_a_class_only_in_the_eval_split_is_one_error_before_training(tmp_path):
     _folder(root)
     _image_file(os.path.join(root, "val", "bird", "0.png"))
     err = _fails_with_one_line_before_compiling(
-        _argv(tmp_path / "w", f"--config.manual_dir={root}")
+        _argv(tmp_path / "w", f"--config.data.manual_dir={root}")
     )
     val_bird = os.path.join(root, "val", "bird")
-    assert err.startswith(f"error: --config.manual_dir={root}: {val_bird} has no class folder"), err
+    assert err.startswith(
+        f"error: --config.data.manual_dir={root}: {val_bird} has no class folder"
+    ), err
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
@@ -307,29 +335,40 @@ def _eval_records(workdir):
 
 
 def _trains_and_says_so_once(argv, workdir, note):
-    tiny = ["--config.num_train_steps=2", "--config.batch_size=8", "--config.progress_bar=False"]
+    tiny = [
+        "--config.run.num_train_steps=2",
+        "--config.input.batch_size=8",
+        "--config.run.progress_bar=False",
+    ]
     status, out, err = run_main([*argv, f"--workdir={workdir}", *tiny])
     assert status in (0, None), err[-3000:]
     assert out.splitlines().count(note) == 1, out
     assert _eval_records(workdir)[-1]["step"] == 2
 
 
+# AlexNet's smallest input side is 64; mesh.model=1: no tower split, whatever the default.
+ALEXNET_SMALL = [
+    f"--config={CONFIGS}/alexnet.py",
+    "--config.input.image_size=64",
+    "--config.model.width_divisor=8",
+    "--config.mesh.model=1",
+]
+VGG_A_SMALL = [
+    f"--config={CONFIGS}/vgg.py:A",
+    "--config.input.image_size=32",
+    "--config.model.width_divisor=16",
+]
+
+
 @pytest.mark.parametrize(
-    "argv, preprocess_name",
-    [
-        # AlexNet's MIN_IMAGE_SIZE is 64; mesh_model=1: no tower split, whatever the default.
-        ([f"--config={CONFIGS}/alexnet.py", "--config.image_size=64",
-          "--config.width_divisor=8", "--config.mesh_model=1"], "alexnet"),
-        ([f"--config={CONFIGS}/vgg.py:A", "--config.image_size=32",
-          "--config.width_divisor=16"], "vgg"),
-    ],
-)  # fmt: skip
+    "argv, preprocess_name", [(ALEXNET_SMALL, "alexnet"), (VGG_A_SMALL, "vgg")]
+)
 def test_grey_digits_train_alexnet_and_vgg(argv, preprocess_name, tfds_dir, tmp_path):
     note = (
         "data: bundled_digits has 1 channel; converted to RGB (grey replicated) for "
-        f"--config.preprocess={preprocess_name}"
+        f"--config.input.preprocess={preprocess_name}"
     )
-    argv = [*argv, "--config.dataset=bundled_digits", f"--config.data_dir={tfds_dir}"]
+    argv = [*argv, "--config.data.name=bundled_digits", f"--config.data.data_dir={tfds_dir}"]
     _trains_and_says_so_once(argv, str(tmp_path / "w"), note)
 
 
@@ -345,12 +384,15 @@ def test_an_rgb_folder_trains_lenet5(tmp_path):
                 PIL.Image.fromarray(image).save(os.path.join(root, split, f"class{c}", f"{i}.jpg"))
     note = (
         "data: image_folder has 3 channels; converted to luminance (ITU-R 601 luma) for "
-        "--config.preprocess=lenet"
+        "--config.input.preprocess=lenet"
     )
-    argv = [f"--config={CONFIGS}/lenet.py", "--config.dataset=image_folder",
-            f"--config.manual_dir={root}"]  # fmt: skip
+    argv = [
+        f"--config={CONFIGS}/lenet.py",
+        "--config.data.name=image_folder",
+        f"--config.data.manual_dir={root}",
+    ]
     _trains_and_says_so_once(argv, str(tmp_path / "w"), note)
     # The paper's one input map (C1: 5x5x1 kernels), not the files' three.
-    config = _config(model="lenet5", loss="lenet_map", preprocess="lenet", image_size=32,
-                     dataset="image_folder", manual_dir=root, batch_size=8)  # fmt: skip
-    assert train.Trainer(config).input_shape == (1, 32, 32, 1)
+    folder = {"data.name": "image_folder", "data.manual_dir": root, "input.batch_size": 8}
+    config = _config("lenet5", {**folder, "loss.name": "lenet_map", "input.preprocess": "lenet"})
+    assert _built(config).input_shape == (1, 32, 32, 1)

@@ -32,6 +32,17 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENET_CONFIG = os.path.join(REPO, "configs", "lenet.py")
+VGG_CONFIG = os.path.join(REPO, "configs", "vgg.py")
+
+
+def _load_config_file(path, arg=None):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_config_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
 
 # 64 examples / batch 8 = 8 steps per epoch: evaluations at 8, 16, 20; checkpoints at 5, 10,
 # 15, 20. The plateau policy with patience 1 lowers the learning rate after evaluations, so a
@@ -53,10 +64,18 @@ OVERRIDES = {
 }
 
 
+def _field(name: str) -> str:
+    """The config field a short name stands for here: the flat names of defaults.RENAMED
+    (batch_size -> input.batch_size), which keep the cases below short."""
+    from cnn_jax import defaults
+
+    return defaults.RENAMED.get(name, name)
+
+
 def _argv(workdir, **changes):
     flags = {**OVERRIDES, **changes}
     return [f"--config={LENET_CONFIG}:modern", f"--workdir={workdir}"] + [
-        f"--config.{k}={v}" for k, v in flags.items()
+        f"--config.{_field(k)}={v}" for k, v in flags.items()
     ]
 
 
@@ -67,7 +86,8 @@ def _config(**changes):
 
     config = lenet.get_config("modern")
     for k, v in {**OVERRIDES, **changes}.items():
-        config[k] = v
+        group, field = _field(k).split(".")
+        config[group][field] = v
     return config
 
 
@@ -232,8 +252,8 @@ def test_config_drift_is_refused_and_safe_changes_are_allowed(reference):
     status, _, err = run_main(_argv(workdir, model="lenet5", batch_size=16))
     assert status == 2
     assert err == (
-        f"error: --workdir={workdir} holds checkpoints of a different run: model (saved "
-        "'lenet5_modern', now 'lenet5'); batch_size (saved 8, now 16). Use a new --workdir, "
+        f"error: --workdir={workdir} holds checkpoints of a different run: model.name (saved "
+        "'lenet5_modern', now 'lenet5'); input.batch_size (saved 8, now 16). Use a new --workdir, "
         "or the saved values to resume\n"
     )
     status, out, err = run_main(
@@ -252,10 +272,10 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     assert err.splitlines()[-1] == (
         "error: training diverged at step 12: the loss is nan; nothing after it was saved, the "
         "last checkpoint (step 10) is intact and a rerun resumes from it (lower "
-        "--config.learning_rate if it happens again)"
+        "--config.optim.learning_rate if it happens again)"
     )
     assert _steps(workdir) == [5, 10]  # the save at 15 was refused
-    trainer = train.Trainer(_config())
+    trainer = train.build_trainer(_config())
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
     state = ckpt.restore_newest(trainer.init_state())
     ckpt.close()
@@ -337,7 +357,7 @@ def test_a_failure_is_the_last_line_after_the_progress_bar(tmp_path):
     lines = proc.stderr.splitlines()  # tqdm's carriage returns split lines too
     assert lines[-1] == (
         "error: training diverged at step 1: the loss is nan; nothing after it was saved, no "
-        "checkpoint was saved (lower --config.learning_rate if it happens again)"
+        "checkpoint was saved (lower --config.optim.learning_rate if it happens again)"
     )
     assert [line for line in lines if "error:" in line] == [lines[-1]]
 
@@ -417,7 +437,7 @@ def test_a_busy_workdir_is_refused_and_freed_when_its_holder_is_killed(tmp_path)
 
 @pytest.mark.parametrize("eval_only", [False, True])
 def test_the_lock_is_held_for_the_whole_run_and_released_after(tmp_path, monkeypatch, eval_only):
-    from cnn_jax import evaluate, paths, train
+    from cnn_jax import paths, train
     from cnn_jax.errors import UserError
 
     workdir = str(tmp_path / "w")
@@ -431,7 +451,7 @@ def test_the_lock_is_held_for_the_whole_run_and_released_after(tmp_path, monkeyp
             seen.append(str(e))
 
     monkeypatch.setattr(train, "_train", try_the_lock)  # the run's body, without compiling
-    monkeypatch.setattr(evaluate, "evaluate_checkpoint", try_the_lock)
+    monkeypatch.setattr(train, "_evaluate_checkpoint", try_the_lock)
     status, _, err = run_main(_argv(workdir, eval_only=eval_only))
     assert status == 0, err
     assert seen == [
@@ -500,7 +520,7 @@ def test_unusable_workdirs_are_one_line_before_compiling(tmp_path, monkeypatch):
 
 
 def test_tilde_in_the_workdir_and_path_fields_is_the_home_directory(tmp_path, monkeypatch):
-    from cnn_jax import paths, train
+    from cnn_jax import train
 
     home = tmp_path / "home"
     (home / "tfds").mkdir(parents=True)
@@ -509,8 +529,8 @@ def test_tilde_in_the_workdir_and_path_fields_is_the_home_directory(tmp_path, mo
     seen = {}
 
     def record(trainer, ckpt, workdir):
-        seen.update(workdir=workdir, data_dir=trainer.config.data_dir,
-                    manual_dir=trainer.config.manual_dir)  # fmt: skip
+        data = trainer.config.data
+        seen.update(workdir=workdir, data_dir=data.data_dir, manual_dir=data.manual_dir)
 
     monkeypatch.setattr(train, "_train", record)
     status, _, err = run_main(_argv("~/run", data_dir="~/tfds", manual_dir="~/images"))
@@ -518,9 +538,13 @@ def test_tilde_in_the_workdir_and_path_fields_is_the_home_directory(tmp_path, mo
     assert seen == {"workdir": str(home / "run"), "data_dir": str(home / "tfds"),
                     "manual_dir": str(home / "images")}  # fmt: skip
     assert (home / "run").is_dir() and not (tmp_path / "~").exists()
-    config = _config(warm_start_from="~/vgg_a")
-    paths.expand_config_paths(config)
-    assert config.warm_start_from == str(home / "vgg_a")
+    from cnn_jax import experiment
+
+    vgg = _load_config_file(VGG_CONFIG, "A")
+    vgg.model.warm_start_from = "~/vgg_a"
+    resolved = experiment.resolve(vgg, num_devices=8)
+    assert resolved.model.warm_start_from == str(home / "vgg_a")
+    assert vgg.model.warm_start_from == "~/vgg_a"  # the user's config is left as it was
 
 
 # --- Bad input: one line, exit status 2, nothing compiled --------------------------------------
@@ -545,64 +569,84 @@ def _bad_inputs(tmp_path):
     return [  # (changes, the config file or None, expected stderr line)
         ({"model": "lenet7"}, None, "error: unknown model 'lenet7'; choose one of: "),
         ({"dataset": "mnistt"}, None, "error: unknown dataset 'mnistt'; choose one of: "),
-        ({"model": "vgg", "vgg_variant": "Z", "image_size": 224}, None,
-         "error: unknown VGG configuration 'Z'; choose one of: A, A-LRN, B, C, D, E"),
-        ({"batch_size": 0}, None, "error: --config.batch_size=0 must be > 0"),
-        ({"image_size": -32}, None, "error: --config.image_size=-32 must be > 0"),
+        ({"vgg_variant": "Z", "image_size": 224}, VGG_CONFIG,
+         "error: --config.model.variant=Z: unknown VGG configuration 'Z'; choose one of: A, "
+         "A-LRN, B, C, D, E"),
+        ({"batch_size": 0}, None, "error: --config.input.batch_size=0 must be > 0"),
+        ({"image_size": -32}, None, "error: --config.input.image_size=-32 must be > 0"),
         ({"num_train_steps": -1, "num_epochs": 0.0}, None,
-         "error: --config.num_epochs=0.0 must be > 0"),
-        ({"learning_rate": -0.1}, None, "error: --config.learning_rate=-0.1 must be > 0"),
+         "error: --config.run.num_epochs=0.0 must be > 0"),
+        ({"learning_rate": -0.1}, None, "error: --config.optim.learning_rate=-0.1 must be > 0"),
         ({"batch_size": 12}, None,
-         "error: --config.batch_size=12 is not divisible by the mesh's data axis (8 devices)"),
+         "error: --config.input.batch_size=12 is not divisible by the mesh's data axis "
+         "(8 devices)"),
         ({"mesh_model": 3}, None,
          "error: mesh data=-1 x model=3 does not fit the 8 available devices "),
-        ({"data_dir": missing}, None, f"error: --config.data_dir={missing} does not exist"),
+        ({"data_dir": missing}, None, f"error: --config.data.data_dir={missing} does not exist"),
         ({"dataset": "image_folder", "manual_dir": str(empty_folder)}, None,
-         f"error: --config.manual_dir={empty_folder}: no images (.jpg, .jpeg, .png) in "
+         f"error: --config.data.manual_dir={empty_folder}: no images (.jpg, .jpeg, .png) in "
          f"{empty_folder}/train; expected ROOT/SPLIT/CLASS/*.jpg with a train split"),
         ({}, str(tmp_path / "nope.py"), "error: could not load the config: [Errno 2] "
          f"No such file or directory: '{tmp_path / 'nope.py'}'"),
         ({}, str(broken_config),
          "error: could not load the config: SyntaxError: invalid syntax (broken.py, line 1)"),
         ({"no_such_field": 1}, None,
-         "error: --config.no_such_field: no such config field (see cnn_jax/defaults.py)"),
+         "error: --config.no_such_field: no such config field (see cnn_jax/defaults.py, "
+         "docs/config.md)"),
         ({"learning_rate": "inf"}, None,
-         "error: --config.learning_rate=inf must be a finite number"),
+         "error: --config.optim.learning_rate=inf must be a finite number"),
         ({"num_train_steps": -1, "num_epochs": "1e999"}, None,
-         "error: --config.num_epochs=inf must be a finite number"),
-        ({"momentum": "nan"}, None, "error: --config.momentum=nan must be a finite number"),
-        ({"momentum": 1.0}, None, "error: --config.momentum=1.0 must be in [0, 1)"),
-        ({"weight_decay": -1e-4}, None, "error: --config.weight_decay=-0.0001 must be >= 0"),
-        ({"warmup_epochs": -1.0}, None, "error: --config.warmup_epochs=-1.0 must be >= 0"),
-        ({"step_factor": 0.0}, None, "error: --config.step_factor=0.0 must be > 0"),
+         "error: --config.run.num_epochs=inf must be a finite number"),
+        ({"momentum": "nan"}, None, "error: --config.optim.momentum=nan must be a finite number"),
+        ({"momentum": 1.0}, None, "error: --config.optim.momentum=1.0 must be in [0, 1)"),
+        ({"weight_decay": -1e-4}, None, "error: --config.optim.weight_decay=-0.0001 must be >= 0"),
+        ({"warmup_epochs": -1.0}, None, "error: --config.optim.warmup_epochs=-1.0 must be >= 0"),
+        ({"step_factor": 0.0}, None, "error: --config.optim.step_factor=0.0 must be > 0"),
         ({"step_epochs": "(20.0,10.0)"}, None,
-         "error: --config.step_epochs=(20.0, 10.0) must be non-negative and increasing"),
+         "error: --config.optim.step_epochs=(20.0, 10.0) must be non-negative and increasing"),
         ({"step_epochs": "(-1.0,)"}, None,
-         "error: --config.step_epochs=(-1.0,) must be non-negative and increasing"),
-        ({"plateau_patience": 0}, None, "error: --config.plateau_patience=0 must be >= 1"),
-        ({"plateau_max_drops": -1}, None, "error: --config.plateau_max_drops=-1 must be >= 0"),
+         "error: --config.optim.step_epochs=(-1.0,) must be non-negative and increasing"),
+        ({"plateau_patience": 0}, None, "error: --config.optim.plateau_patience=0 must be >= 1"),
+        ({"plateau_max_drops": -1}, None,
+         "error: --config.optim.plateau_max_drops=-1 must be >= 0"),
         ({"plateau_min_delta": -0.1}, None,
-         "error: --config.plateau_min_delta=-0.1 must be >= 0"),
-        ({"shuffle_buffer": -1}, None, "error: --config.shuffle_buffer=-1 must be >= 0"),
-        ({"keep_checkpoints": 0}, None, "error: --config.keep_checkpoints=0 must be > 0"),
-        ({"lenet_map_j": 0.0}, None, "error: --config.lenet_map_j=0.0 must be > 0"),
-        ({"seed": 2**63}, None, f"error: --config.seed={2**63} must fit in 64 bits"),
+         "error: --config.optim.plateau_min_delta=-0.1 must be >= 0"),
+        ({"shuffle_buffer": -1}, None, "error: --config.input.shuffle_buffer=-1 must be >= 0"),
+        ({"keep_checkpoints": 0}, None, "error: --config.run.keep_checkpoints=0 must be > 0"),
+        ({"lenet_map_j": 0.0}, None, "error: --config.loss.lenet_map_j=0.0 must be > 0"),
+        ({"seed": 2**63}, None, f"error: --config.run.seed={2**63} must fit in 64 bits"),
         ({"num_classes": 1}, None,
-         "error: --config.num_classes=1: a classifier needs at least 2 classes"),
+         "error: --config.data.num_classes=1: a classifier needs at least 2 classes"),
         ({"model": "lenet5", "loss": "lenet_map", "num_classes": 3}, None,
-         f"error: --config.num_classes=3: {lenet_rbf}"),
+         f"error: --config.data.num_classes=3: {lenet_rbf}"),
         ({"dataset": "image_folder", "manual_dir": str(two_classes)}, LENET_CONFIG,
-         f"error: --config.manual_dir={two_classes} holds 2 class folder(s): {lenet_rbf}"),
+         f"error: --config.data.manual_dir={two_classes} holds 2 class folder(s): {lenet_rbf}"),
         ({}, f"{LENET_CONFIG}:nonsense",
          "error: configs/lenet.py takes modern, or nothing for the paper's LeNet-5, not "
          "'nonsense'"),
         ({"data_dir": str(a_file)}, None,
-         f"error: --config.data_dir={a_file} is a file, not a directory"),
+         f"error: --config.data.data_dir={a_file} is a file, not a directory"),
         ({"dataset": "image_folder", "manual_dir": str(a_file)}, None,
-         f"error: --config.manual_dir={a_file} is a file, not a directory"),
-        ({"model": "vgg", "width_divisor": 16, "warm_start_from": str(a_file)}, None,
-         f"error: --config.warm_start_from={a_file} is a file, not a directory"),
+         f"error: --config.data.manual_dir={a_file} is a file, not a directory"),
+        ({"width_divisor": 16, "warm_start_from": str(a_file), "image_size": 32}, VGG_CONFIG,
+         f"error: --config.model.warm_start_from={a_file} is a file, not a directory"),
+        ({"dropout_rate": 0.5}, None,
+         "error: --config.model.dropout_rate: no such config field"),
     ]  # fmt: skip
+
+
+def test_a_field_name_from_before_the_groups_names_its_new_place(tmp_path):
+    status, _, err = run_main(
+        [f"--config={LENET_CONFIG}", f"--workdir={tmp_path}/w", "--config.learning_rate=0.1"]
+    )
+    assert (status, err) == (
+        2,
+        "error: --config.learning_rate is now --config.optim.learning_rate (the config's "
+        "fields are grouped; see cnn_jax/defaults.py)\n",
+    )
+    status, _, err = run_main([f"--config={LENET_CONFIG}", f"--workdir={tmp_path}/w",
+                               "--config.model=vgg"])  # fmt: skip
+    assert status == 2 and err.startswith("error: --config.model is now --config.model.name")
 
 
 def test_bad_input_is_one_line_and_exit_2_before_compiling(tmp_path):

@@ -4,6 +4,7 @@ resize-then-crop; batches a pure function of the seed; the fixed-side cache
 (cnn_jax/data/cache.py) and the one-line errors of its command."""
 
 import contextlib
+import functools
 import io
 import os
 
@@ -13,18 +14,13 @@ import PIL.ImageDraw
 import pytest
 import tensorflow as tf
 
-from cnn_jax import defaults
 from cnn_jax.data import cache, pipeline, preprocess
+from cnn_jax.data.datasets import Source
+from cnn_jax.data.preprocess import Preprocessing
 
 # The decode-the-window ops match resize-then-crop to float rounding (measured: at most 0.0072
 # of a level on 500x375 JPEGs at 224); this bound leaves room for other CPUs' rounding.
 SAME_VIEW_LEVELS = 0.02
-
-
-def _config(**overrides):
-    c = defaults.get_default_config()
-    c.update(overrides)
-    return c
 
 
 def _photo(w: int, h: int, seed: int) -> np.ndarray:
@@ -64,9 +60,9 @@ SOURCES = {
     "png_330x260": _encoded(_photo(330, 260, 6), "PNG"),
 }
 OPS = {
-    "alexnet": {},
-    "vgg": {"train_scale_min": 256, "train_scale_max": 512},
-    "vgg_fixed_384": {"train_scale_min": 384, "train_scale_max": 384},
+    "alexnet": Preprocessing("alexnet", 224),
+    "vgg": Preprocessing("vgg", 224, train_scale_min=256, train_scale_max=512),
+    "vgg_fixed_384": Preprocessing("vgg", 224, train_scale_min=384, train_scale_max=384),
 }
 
 
@@ -75,16 +71,17 @@ def test_views_from_the_decoded_window_equal_resize_then_crop(op_name):
     """The same seed gives the same patch, mirror and colour shift as the whole-image form of
     the op, to float rounding: for JPEG bytes (window decoded), PNG bytes (decoded whole, then
     windowed) and decoded images alike, in training and evaluation."""
-    name = op_name.split("_")[0]
-    config = _config(image_size=224, preprocess=name, **OPS[op_name])
-    op, reference = preprocess.PREPROCESSORS[name], preprocess.REFERENCE_PREPROCESSORS[name]
+    prep = OPS[op_name]
+    op = prep.op
+    params = {p: getattr(prep, p) for p in prep.spec.params}
+    reference = functools.partial(prep.spec.reference, image_size=224, **params)
     for i, (source, data) in enumerate(sorted(SOURCES.items())):
         decoded = preprocess.decoded(tf.constant(data), 3)
         for train in (True, False):
             seed = tf.constant([11, i], tf.int64)
-            want = reference(tf.constant(data), seed, train=train, config=config).numpy()
+            want = reference(tf.constant(data), seed, train=train).numpy()
             for given in (tf.constant(data), decoded):
-                got = op(given, seed, train=train, config=config).numpy()
+                got = op(given, seed, train=train).numpy()
                 assert got.shape == (224, 224, 3) and got.dtype == np.float32
                 np.testing.assert_allclose(got, want, atol=SAME_VIEW_LEVELS, err_msg=source)
 
@@ -101,11 +98,11 @@ def test_window_geometry_puts_every_sample_where_the_full_resize_does():
     a ramp its value is 2r + 0.5. The patch at rescaled (top, left) must read exactly those
     sources, with the centre square's offset (100 -> 50 columns: (50 - 37) // 2 = 6) included.
     Rows and columns whose triangle is cut by the image border are checked by the reference."""
-    config = _config(image_size=32, preprocess="alexnet", pca_lighting_std=0.0)
+    op = dict(image_size=32, pca_lighting_std=0.0)
     image = tf.constant(_ramp(74, 100))
     offsets, mirrors = set(), set()
     for i in range(16):
-        out = preprocess.alexnet(image, tf.constant([2, i], tf.int64), train=True, config=config)
+        out = preprocess.alexnet(image, tf.constant([2, i], tf.int64), train=True, **op)
         pixels = out.numpy() + preprocess.IMAGENET_MEAN_RGB
         top = (pixels[1, 5, 0] - 0.5) / 2 - 1  # row 1: its triangle is inside the image
         mirrored = pixels[5, 0, 1] > pixels[5, -1, 1]
@@ -115,12 +112,11 @@ def test_window_geometry_puts_every_sample_where_the_full_resize_does():
         top, left = int(top), int(left)
         assert 0 <= top <= 5 and 6 <= left <= 6 + 5  # a 32 patch of the central 37 square
         inner = slice(1, 31)
-        np.testing.assert_allclose(pixels[inner, 5, 0], 2 * (top + np.arange(32)[inner]) + 0.5,
-                                   atol=1e-3)  # fmt: skip
-        np.testing.assert_allclose(columns[inner], 2 * (left + np.arange(32)[inner]) + 0.5,
-                                   atol=1e-3)  # fmt: skip
+        want_rows, want_columns = (2 * (at + np.arange(32)[inner]) + 0.5 for at in (top, left))
+        np.testing.assert_allclose(pixels[inner, 5, 0], want_rows, atol=1e-3)
+        np.testing.assert_allclose(columns[inner], want_columns, atol=1e-3)
         reference = preprocess.alexnet_resize_then_crop(
-            image, tf.constant([2, i], tf.int64), train=True, config=config
+            image, tf.constant([2, i], tf.int64), train=True, **op
         )
         np.testing.assert_allclose(out.numpy(), reference.numpy(), atol=SAME_VIEW_LEVELS)
         offsets.add((top, left))
@@ -142,12 +138,10 @@ def test_a_jpeg_is_decoded_only_where_its_patch_lies(monkeypatch):
         return decode_and_crop(contents, crop_window, **kwargs)
 
     monkeypatch.setattr(tf.image, "decode_and_crop_jpeg", recording)
-    config = _config(image_size=224, preprocess="alexnet")
-    data = tf.constant(SOURCES["jpeg_500x375"])
-    preprocess.alexnet(data, tf.zeros([2], tf.int64), train=False, config=config)
+    prep = Preprocessing("alexnet", 224)
+    prep.center(tf.constant(SOURCES["jpeg_500x375"]))
     assert windows == [[21, 82, 333, 334]]
-    preprocess.alexnet(tf.constant(SOURCES["png_330x260"]), tf.zeros([2], tf.int64), train=False,
-                       config=config)  # fmt: skip
+    prep.center(tf.constant(SOURCES["png_330x260"]))
     assert len(windows) == 1  # a PNG is decoded whole
 
 
@@ -166,27 +160,30 @@ def _write_folder(root, sizes=((120, 90), (90, 120), (40, 30), (130, 100)), clas
     return paths
 
 
-def _folder_config(root, **overrides):
-    return _config(dataset="image_folder", manual_dir=str(root), image_size=32,
-                   preprocess="alexnet", batch_size=2, **overrides)  # fmt: skip
+ALEXNET_32 = Preprocessing("alexnet", 32)
 
 
-def _batches(config, count, start_step=0):
-    ds = pipeline.train_dataset(config, start_step).take(count)
-    return list(ds.as_numpy_iterator())
+def _folder(root) -> Source:
+    return Source("image_folder", manual_dir=str(root), image_size=32)
+
+
+def _batches(root, count, start_step=0, seed=0):
+    source = _folder(root)
+    options = dict(batch_size=2, seed=seed, cache=True, shuffle_buffer=0, start_step=start_step)
+    ds = pipeline.train_dataset(source, ALEXNET_32, **options)
+    return list(ds.take(count).as_numpy_iterator())
 
 
 def test_same_seed_same_batches_and_a_resumed_run_sees_the_same_ones(tmp_path):
     _write_folder(str(tmp_path))
-    config = _folder_config(tmp_path)
-    first, again = _batches(config, 5), _batches(config, 5)
-    resumed = _batches(config, 2, start_step=3)
+    first, again = _batches(tmp_path, 5), _batches(tmp_path, 5)
+    resumed = _batches(tmp_path, 2, start_step=3)
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
     for a, b in zip(first[3:], resumed, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
-    other = _batches(_folder_config(tmp_path, seed=1), 5)
+    other = _batches(tmp_path, 5, seed=1)
     assert not all(
         np.array_equal(a["image"], b["image"]) for a, b in zip(first, other, strict=True)
     )
@@ -211,10 +208,12 @@ def test_the_cache_is_an_image_folder_at_the_training_scale_written_deterministi
         f.write(_encoded(_photo(80, 64, 9), "PNG"))
     with open(source / "train" / "b" / "broken.jpg", "wb") as f:
         f.write(b"not a JPEG")
-    config = _folder_config(source)  # AlexNet at image_size=32: shorter side 37
+    centre = {"image": None}  # AlexNet at image_size=32: shorter side 37
     with contextlib.redirect_stderr(io.StringIO()) as report:
-        manifest = cache.write(config, str(tmp_path / "one"))
-        cache.write(config, str(tmp_path / "two"))
+        manifest = cache.write(
+            _folder(source), ALEXNET_32, str(tmp_path / "one"), view_sides=centre
+        )
+        cache.write(_folder(source), ALEXNET_32, str(tmp_path / "two"), view_sides=centre)
     assert "broken.jpg" in report.getvalue()
     one, two = _tree(tmp_path / "one"), _tree(tmp_path / "two")
     assert one == two, "the same source written twice differs"
@@ -241,10 +240,10 @@ def test_training_reads_the_cache_as_it_read_the_source(tmp_path):
     and JPEG quality 95; and two reads of the cache are identical."""
     source, out = tmp_path / "source", tmp_path / "cache"
     _write_folder(str(source))
-    cache.write(_folder_config(source), str(out))
-    from_source = _batches(_folder_config(source), 6)
-    from_cache, again = _batches(_folder_config(out), 6), _batches(_folder_config(out), 6)
-    other_seed = _batches(_folder_config(source, seed=1), 6)
+    cache.write(_folder(source), ALEXNET_32, str(out), view_sides={"image": None})
+    from_source = _batches(source, 6)
+    from_cache, again = _batches(out, 6), _batches(out, 6)
+    other_seed = _batches(source, 6, seed=1)
     for s, c, a, o in zip(from_source, from_cache, again, other_seed, strict=True):
         np.testing.assert_array_equal(c["image"], a["image"])
         np.testing.assert_array_equal(s["label"], c["label"])
@@ -257,27 +256,22 @@ def test_training_reads_the_cache_as_it_read_the_source(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "overrides,side",
+    "prep,view_sides,side",
     [
-        ({"preprocess": "alexnet"}, 256),
-        ({"preprocess": "alexnet", "image_size": 32}, 37),
-        ({"preprocess": "vgg", "train_scale_min": 256, "train_scale_max": 512}, 512),
-        ({"preprocess": "vgg", "train_scale_min": 256, "train_scale_max": 256}, 256),
+        (Preprocessing("alexnet", 224), {"image": None}, 256),
+        (Preprocessing("alexnet", 32), {"image": None}, 37),
+        (Preprocessing("vgg", 224, train_scale_min=256, train_scale_max=512), {"image": 224}, 512),
+        (Preprocessing("vgg", 224, train_scale_min=256, train_scale_max=256), {"image": None}, 256),
         # Dense evaluation at Q = 384 needs a larger side than training's fixed S = 256.
         (
-            {
-                "preprocess": "vgg",
-                "train_scale_min": 256,
-                "train_scale_max": 256,
-                "eval_mode": "dense",
-                "eval_scales": (256, 384),
-            },
+            Preprocessing("vgg", 224, train_scale_min=256, train_scale_max=256),
+            {preprocess.dense_key(256): 256, preprocess.dense_key(384): 384},
             384,
         ),
     ],
 )
-def test_the_cache_side_is_the_largest_side_a_view_needs(overrides, side):
-    assert cache.cache_side(_config(**{"image_size": 224, **overrides})) == side
+def test_the_cache_side_is_the_largest_side_a_view_needs(prep, view_sides, side):
+    assert cache.cache_side(prep, view_sides) == side
 
 
 def _run_cache(argv):
@@ -298,21 +292,24 @@ def test_cache_command_errors_are_one_line_and_it_says_how_to_train(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    base = ["--config=configs/alexnet.py", "--config.dataset=image_folder",
-            "--config.image_size=32"]  # fmt: skip
+    base = [
+        "--config=configs/alexnet.py",
+        "--config.data.name=image_folder",
+        "--config.input.image_size=32",
+    ]
     cases = {
         "does not exist": [
-            f"--config.manual_dir={tmp_path / 'missing'}",
+            f"--config.data.manual_dir={tmp_path / 'missing'}",
             f"--out={tmp_path / 'o'}",
         ],
-        "no images": [f"--config.manual_dir={tmp_path / 'empty'}", f"--out={tmp_path / 'o'}"],
-        "is a file": [f"--config.manual_dir={source}", f"--out={tmp_path / 'a_file'}"],
-        "is not empty": [f"--config.manual_dir={source}", f"--out={tmp_path / 'full'}"],
-        "must be outside": [f"--config.manual_dir={source}", f"--out={source / 'cache'}"],
-        "--out=CACHE_DIR is required": [f"--config.manual_dir={source}"],
+        "no images": [f"--config.data.manual_dir={tmp_path / 'empty'}", f"--out={tmp_path / 'o'}"],
+        "is a file": [f"--config.data.manual_dir={source}", f"--out={tmp_path / 'a_file'}"],
+        "is not empty": [f"--config.data.manual_dir={source}", f"--out={tmp_path / 'full'}"],
+        "must be outside": [f"--config.data.manual_dir={source}", f"--out={source / 'cache'}"],
+        "--out=CACHE_DIR is required": [f"--config.data.manual_dir={source}"],
         "serves alexnet and vgg only": [
-            f"--config.manual_dir={source}",
-            "--config.preprocess=lenet",
+            f"--config.data.manual_dir={source}",
+            "--config.input.preprocess=lenet",
             f"--out={tmp_path / 'o'}",
         ],
     }
@@ -321,7 +318,9 @@ def test_cache_command_errors_are_one_line_and_it_says_how_to_train(tmp_path):
         assert status == 2 and message in err, (message, err)
         assert err.count("\n") == 1 and err.startswith("error: "), err
     assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "o.partial")
-    vgg = ["--config=configs/vgg.py", "--config.dataset=image_folder"]
-    status, out, _ = _run_cache([*vgg, f"--config.manual_dir={source}", f"--out={tmp_path / 'o'}"])
-    assert status == 0 and f"--config.manual_dir={tmp_path / 'o'}" in out, out
+    vgg = ["--config=configs/vgg.py", "--config.data.name=image_folder"]
+    status, out, _ = _run_cache(
+        [*vgg, f"--config.data.manual_dir={source}", f"--out={tmp_path / 'o'}"]
+    )
+    assert status == 0 and f"--config.data.manual_dir={tmp_path / 'o'}" in out, out
     assert sorted(os.listdir(tmp_path / "o")) == [cache.MANIFEST, "train", "validation"]

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_jax import losses
+from cnn_jax import losses, models
+from cnn_jax.errors import UserError
 from cnn_jax.models import layers
 from cnn_jax.models.lenet import LeNet5, LeNet5Modern
 
@@ -104,8 +105,7 @@ def test_rbf_output_is_squared_distance_to_fixed_prototypes():
 def test_map_loss_matches_the_papers_formula():
     scores = -jnp.array([[3.0, 1.0, 7.0], [0.5, 2.0, 4.0]])  # RBF distances y = [[3,1,7],...]
     labels = jnp.array([1, 0])
-    config = type("C", (), {"lenet_map_j": 2.0})()
-    got = losses.lenet_map(scores, labels, config=config)
+    got = losses.lenet_map(scores, labels, j=2.0)
     y = -np.asarray(scores)
     want = [y[i, labels[i]] + np.log(np.exp(-2.0) + np.exp(-y[i]).sum()) for i in range(2)]
     np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -117,3 +117,46 @@ def test_scores_shape_and_finite(model):
     out = model.apply({"params": params}, jnp.ones((4, 32, 32, 1)))
     assert out.shape == (4, 10) and out.dtype == jnp.float32
     assert np.isfinite(np.asarray(out)).all()
+
+
+def test_registry_builds_both_with_the_backends_kernels():
+    for name, cls in (("lenet5", LeNet5), ("lenet5_modern", LeNet5Modern)):
+        assert models.model_config(name).to_dict() == {"name": name}  # no fields of their own
+        cpu = models.build_model(name, num_classes=10, dtype=jnp.float32, backend="cpu")
+        gpu = models.build_model(name, num_classes=10, dtype=jnp.float32, backend="gpu")
+        assert type(cpu) is cls and (cpu.conv, gpu.conv) == (layers.Conv, layers.FlaxConv)
+        # The same parameter tree, whichever kernels: checkpoints move between machines.
+        assert jax.tree.map(jnp.shape, jax.eval_shape(lambda m=cpu: _init(m))) == jax.tree.map(
+            jnp.shape, jax.eval_shape(lambda m=gpu: _init(m))
+        )
+    assert models.spec("lenet5").preprocess == "lenet"
+
+
+def test_inputs_lenet5_takes():
+    models.check_input("lenet5", 32, 10)
+    models.check_input("lenet5_modern", 32, 3)  # a softmax head takes any class count
+    with pytest.raises(UserError, match=r"--config\.input\.image_size=28: lenet5 takes 32"):
+        models.check_input("lenet5", 28, 10)
+    with pytest.raises(UserError, match=r"^--config\.data\.num_classes=5: LeNet-5's RBF output"):
+        models.check_input("lenet5", 32, 5, "--config.data.num_classes=5")
+
+
+def test_cpu_and_flax_kernels_give_the_same_scores_and_gradients():
+    """LeNet5Modern from the CPU kernels (layers.Conv, ops.*) against Flax's own (nn.Conv,
+    lax.dot_general, nn.max_pool), same parameters: float32 rounding apart."""
+    x = jax.random.normal(jax.random.key(6), (4, 32, 32, 1))
+    cpu, flax_own = (LeNet5Modern(**layers.Kernels.for_backend(b).fields()) for b in ("cpu", "gpu"))
+    params = _init(cpu)
+
+    def grads(model):
+        return jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))))
+
+    got, want = jax.tree.leaves(grads(cpu)(params)), jax.tree.leaves(grads(flax_own)(params))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+    np.testing.assert_allclose(
+        cpu.apply({"params": params}, x),
+        flax_own.apply({"params": params}, x),
+        rtol=1e-5,
+        atol=1e-5,
+    )

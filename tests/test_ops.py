@@ -43,8 +43,7 @@ def test_conv_matches_lax_in_value_and_gradients(name):
         return jnp.sum(jnp.sin(y)), y
 
     want = jax.grad(lambda x, k: loss(lax.conv_general_dilated, x, k), (0, 1), has_aux=True)
-    got = jax.jit(jax.grad(lambda x, k: loss(ops.conv_general_dilated, x, k), (0, 1),
-                           has_aux=True))  # fmt: skip
+    got = jax.jit(jax.grad(lambda x, k: loss(ops.conv_general_dilated, x, k), (0, 1), has_aux=True))
     (dx0, dk0), y0 = want(x, k)
     (dx1, dk1), y1 = got(x, k)
     for a, b in ((y0, y1), (dx0, dx1), (dk0, dk1)):
@@ -97,8 +96,8 @@ BF16_TOL = {"rtol": 3e-2, "atol": 3e-2}
 
 def _close_in_bfloat16(got, want, scale=1.0):
     assert got.dtype == want.dtype, (got.dtype, want.dtype)
-    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=BF16_TOL["rtol"],
-                               atol=BF16_TOL["atol"] * scale)  # fmt: skip
+    rtol, atol = BF16_TOL["rtol"], BF16_TOL["atol"] * scale
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=rtol, atol=atol)
 
 
 def test_float32_on_cpu_rounds_once_to_bfloat16():
@@ -126,9 +125,15 @@ def test_conv_layer_matches_flax_conv_then_activation(dtype, groups, stride, pad
     output and for the gradients of the input and of both parameters."""
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal((2, 13, 13, 8)), jnp.float32)
-    kw = dict(features=6, kernel_size=(3, 3), strides=(stride, stride), padding=padding,
-              feature_group_count=groups, dtype=dtype,
-              bias_init=nn.initializers.normal(0.5))  # fmt: skip
+    kw = dict(
+        features=6,
+        kernel_size=(3, 3),
+        strides=(stride, stride),
+        padding=padding,
+        feature_group_count=groups,
+        dtype=dtype,
+        bias_init=nn.initializers.normal(0.5),
+    )
     ours = layers.Conv(activation=layers.lecun_tanh, **kw)
     theirs = nn.Conv(**kw)
     params = ours.init(jax.random.key(0), x)
@@ -141,8 +146,8 @@ def test_conv_layer_matches_flax_conv_then_activation(dtype, groups, stride, pad
         return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
 
     got = jax.jit(jax.grad(lambda p, x: loss(ours.apply, p, x), (0, 1), has_aux=True))
-    want = jax.grad(lambda p, x: loss(lambda p, x: layers.lecun_tanh(theirs.apply(p, x)), p, x),
-                    (0, 1), has_aux=True)  # fmt: skip
+    reference = lambda p, x: layers.lecun_tanh(theirs.apply(p, x))
+    want = jax.grad(lambda p, x: loss(reference, p, x), (0, 1), has_aux=True)
     ((dp1, dx1), y1), ((dp0, dx0), y0) = got(params, x), want(params, x)
     if dtype == jnp.float32:
         grads = zip(jax.tree.leaves(dp1), jax.tree.leaves(dp0), strict=True)
@@ -191,3 +196,39 @@ def test_max_pool_gradient_in_bfloat16():
     dx = back1(g)[0]
     assert dx.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.float32(dx), np.float32(want.astype(jnp.bfloat16)))
+
+
+def test_kernels_are_chosen_by_backend():
+    cpu, gpu = layers.Kernels.for_backend("cpu"), layers.Kernels.for_backend("gpu")
+    assert (cpu.conv, cpu.dot_general, cpu.pool) == (layers.Conv, ops.dot_general, layers.max_pool)
+    assert (gpu.conv, gpu.dot_general, gpu.pool) == (
+        layers.FlaxConv,
+        lax.dot_general,
+        layers.flax_max_pool,
+    )
+    assert layers.Kernels.for_backend("tpu") == gpu
+    assert set(cpu.fields()) == {"conv", "dot_general", "pool"}
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_conv_and_flax_conv_share_their_interface_and_parameters(use_bias):
+    """The two kernel sets' convolutions take the same arguments (VALID by default, as Conv)
+    and build the same parameters; without a bias, batch norm's shift replaces it (VGG)."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((2, 9, 9, 20)), jnp.float32)
+    kw = dict(features=24, kernel_size=(3, 3), use_bias=use_bias, activation=nn.relu)
+    ours, flax_own = layers.Conv(**kw), layers.FlaxConv(**kw)
+    params = ours.init(jax.random.key(0), x)
+    jax.tree.map(np.testing.assert_array_equal, params, flax_own.init(jax.random.key(0), x))
+    assert ("bias" in params["params"]) == use_bias
+    y1, y0 = jax.jit(ours.apply)(params, x), flax_own.apply(params, x)
+    assert y1.shape == y0.shape == (2, 7, 7, 24)
+    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window,stride", [(3, 2), (2, 2)])
+def test_both_poolings_agree(window, stride):
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 13, 13, 3)), jnp.float32)
+    np.testing.assert_array_equal(
+        layers.max_pool(x, window, stride), layers.flax_max_pool(x, window, stride)
+    )

@@ -18,7 +18,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 
-# What cnn_jax itself prints on stdout during a run (train.py, models.resolve_mesh_model,
+# What cnn_jax itself prints on stdout during a run (train.py, experiment.resolve,
 # data.datasets); anything else came from a library.
 OWN_STDOUT = ("mesh: ", "data: ", "step ", "Resuming ", "Training already finished")
 
@@ -39,9 +39,9 @@ def _run(*args, cwd=REPO):
 def test_a_mistake_is_one_line_from_every_entry_point(tmp_path):
     lenet = f"--config={CONFIGS}/lenet.py"
     commands = {
-        "main": ["cnn_jax.main", lenet, "--config.model=lenet7", f"--workdir={tmp_path}/w"],
-        "summary": ["cnn_jax.summary", lenet, "--config.model=lenet7"],
-        "benchmark": ["cnn_jax.benchmark", lenet, "--config.model=lenet7"],
+        "main": ["cnn_jax.main", lenet, "--config.model.name=lenet7", f"--workdir={tmp_path}/w"],
+        "summary": ["cnn_jax.summary", lenet, "--config.model.name=lenet7"],
+        "benchmark": ["cnn_jax.benchmark", lenet, "--config.model.name=lenet7"],
         "visualize": ["cnn_jax.visualize", f"--workdir={tmp_path}/missing"],
     }
     for name, command in commands.items():
@@ -56,10 +56,11 @@ def _alexnet_command(workdir, *extra):
     """The design card's command, on synthetic data and at a sixteenth of the width."""
     return [
         "cnn_jax.main", f"--config={CONFIGS}/alexnet.py", f"--workdir={workdir}",
-        "--config.dataset=synthetic", "--config.batch_size=8", "--config.num_train_steps=2",
-        "--config.width_divisor=16", "--config.image_size=64", "--config.num_classes=10",
-        "--config.synthetic_train_size=16", "--config.synthetic_eval_size=8",
-        "--config.progress_bar=False", *extra,
+        "--config.data.name=synthetic", "--config.input.batch_size=8",
+        "--config.run.num_train_steps=2", "--config.model.width_divisor=16",
+        "--config.input.image_size=64", "--config.data.num_classes=10",
+        "--config.data.synthetic_train_size=16", "--config.data.synthetic_eval_size=8",
+        "--config.run.progress_bar=False", *extra,
     ]  # fmt: skip
 
 
@@ -69,7 +70,7 @@ def _alexnet_command(workdir, *extra):
         # A laptop or one GPU: configs/alexnet.py's CPU default is one XLA device.
         ((), "mesh: alexnet's 2 towers together on each of the 1 device(s) (data=1 x model=1)"),
         # The cores as two XLA devices: a tower on each, the paper's split.
-        (("--config.cpu_devices=2",), "mesh: alexnet's 2 towers on separate devices"),
+        (("--config.mesh.cpu_devices=2",), "mesh: alexnet's 2 towers on separate devices"),
     ],
 )
 def test_the_design_card_command_runs_on_this_machine_and_prints_only_its_own_lines(
@@ -83,7 +84,7 @@ def test_the_design_card_command_runs_on_this_machine_and_prints_only_its_own_li
     assert lines[0].startswith(mesh_line), lines
     assert all(line.startswith(OWN_STDOUT) for line in lines), lines
     with open(workdir / "config.json") as f:  # the mesh that ran is the one recorded
-        assert json.load(f)["mesh_model"] == (2 if extra else 1)
+        assert json.load(f)["mesh"]["model"] == (2 if extra else 1)
     # Its pictures, from another entry point, as quietly.
     pictures = _run("cnn_jax.visualize", f"--workdir={workdir}", f"--out={tmp_path}/png")
     assert pictures.returncode == 0 and pictures.stderr == "", pictures.stderr[-3000:]

@@ -94,7 +94,7 @@ def test_two_slurm_tasks_form_one_mesh_with_the_losses_of_one(tmp_path):
     assert (result["processes"], result["devices"]) == (2, 8)
     assert result["mesh"] == {"data": 4, "model": 2}
 
-    trainer = train.Trainer(worker.config(mesh_model=2))  # this process's 8 devices: 4x2
+    trainer = train.build_trainer(worker.config(mesh_model=2))  # this process's 8 devices: 4x2
     _, reference = worker.run_steps(trainer, worker.initial_state(trainer))
     for key in ("loss", "grad_norm"):
         got, want = ([m[key] for m in ms] for ms in (result["metrics"], reference))

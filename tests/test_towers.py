@@ -59,14 +59,14 @@ def test_split_forward_and_backward_equal_one_device_with_dropout():
         return lax.pmean(value, "data"), scores, lax.pmean(grads, "data")
 
     specs = split.param_partition_specs(params)
-    sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(specs, P("data"), P("data")),
-                                    out_specs=(P(), P("data"), specs)))  # fmt: skip
+    in_specs, out_specs = (specs, P("data"), P("data")), (P(), P("data"), specs)
+    sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs))
 
     @jax.jit
     def reference(params, x, y):
         def mean_over_shards(params):
-            parts = [loss(one, params, x[2 * d : 2 * d + 2], y[2 * d : 2 * d + 2],
-                          jax.random.fold_in(key, d)) for d in range(4)]  # fmt: skip
+            shard = lambda d: (x[2 * d : 2 * d + 2], y[2 * d : 2 * d + 2])
+            parts = [loss(one, params, *shard(d), jax.random.fold_in(key, d)) for d in range(4)]
             return sum(v for v, _ in parts) / 4, jnp.concatenate([s for _, s in parts])
 
         (value, scores), grads = jax.value_and_grad(mean_over_shards, has_aux=True)(params)
@@ -81,9 +81,10 @@ def test_split_forward_and_backward_equal_one_device_with_dropout():
 
 
 def _trainer(mesh_model, devices=None, **overrides):
-    trainer = train.Trainer(worker.config(mesh_model=mesh_model, **overrides))
+    """overrides by group, as mesh={"spmd": "pmap"} (multiprocess_worker.config)."""
+    trainer = train.build_trainer(worker.config(mesh_model, **overrides))
     if devices is not None:  # a smaller mesh than all 8 devices (the one-device reference)
-        trainer.mesh = parallel.make_mesh(trainer.config, devices)
+        trainer.mesh = parallel.make_mesh(len(devices), 1, devices)
     return trainer
 
 
@@ -93,7 +94,7 @@ def runs():
     the one initial state (a checkpoint serves every mesh) and keeps its compiled HLO."""
     trainers = {
         "4x2": _trainer(2),
-        "4x2 pmap": _trainer(2, spmd="pmap"),
+        "4x2 pmap": _trainer(2, mesh={"spmd": "pmap"}),
         "8x1": _trainer(1),
         "1 device": _trainer(1, devices=jax.devices()[:1]),
     }
@@ -101,7 +102,7 @@ def runs():
     for name, trainer in trainers.items():
         state = worker.initial_state(trainer)
         step, hlo = trainer.train_step, None
-        if trainer.config.spmd == "shard_map":  # compile ahead of time to read its HLO
+        if trainer.config.mesh.spmd == "shard_map":  # compile ahead of time to read its HLO
             batch = next(iter(worker.global_batches()))
             batch = jax.device_put(batch, parallel.batch_sharding(trainer.mesh))
             step = trainer.train_step.lower(state, batch).compile()
@@ -114,8 +115,8 @@ def runs():
 def test_meshes_give_the_same_losses_and_parameters(runs):
     reference = runs["1 device"]
     for name in ("4x2", "8x1"):
-        _close([[m["loss"], m["grad_norm"]] for m in runs[name]["metrics"]],
-               [[m["loss"], m["grad_norm"]] for m in reference["metrics"]])  # fmt: skip
+        curve = lambda run: [[m["loss"], m["grad_norm"]] for m in run["metrics"]]
+        _close(curve(runs[name]), curve(reference))
         params = jax.device_get(runs[name]["state"].params)
         _close(params, jax.device_get(reference["state"].params))
     losses_seen = [m["loss"] for m in reference["metrics"]]
@@ -154,8 +155,8 @@ def _collectives(hlo: str):
     """(kind, replica groups, result shapes) of every collective in the compiled HLO."""
     found = []
     for line in hlo.splitlines():
-        match = re.search(r"= (.*?) (all-gather|reduce-scatter|all-reduce|collective-permute"
-                          r"|all-to-all)(?:-start)?\(", line)  # fmt: skip
+        kinds = "all-gather|reduce-scatter|all-reduce|collective-permute|all-to-all"
+        match = re.search(rf"= (.*?) ({kinds})(?:-start)?\(", line)
         if not match:
             continue
         groups = re.search(r"replica_groups=(\{[\d,{}]*\})", line)
@@ -204,8 +205,10 @@ def test_compiled_step_gathers_exactly_where_the_paper_talks_across_gpus(runs):
 
 def _forward_conv_kernels(hlo: str) -> dict:
     """Layer name -> kernel shapes of its forward convolutions in the compiled HLO."""
-    shapes = {m[1]: tuple(int(d) for d in m[2].split(",") if d)
-              for m in re.finditer(r"%(\S+) = \w+\[([\d,]*)\]", hlo)}  # fmt: skip
+    shapes = {
+        m[1]: tuple(int(d) for d in m[2].split(",") if d)
+        for m in re.finditer(r"%(\S+) = \w+\[([\d,]*)\]", hlo)
+    }
     kernels = {}
     for line in hlo.splitlines():
         conv = re.search(r"convolution\(%(\S+), %(\S+)\)", line)
@@ -230,8 +233,8 @@ def test_each_device_convolves_one_towers_kernel_without_grouping(runs):
     }
     assert "feature_group_count" not in runs["4x2"]["hlo"]
     both_towers = _forward_conv_kernels(runs["8x1"]["hlo"])
-    for layer, (maps_in, maps_out) in {"conv2": (12, 32), "conv4": (48, 48),
-                                       "conv5": (48, 32)}.items():  # fmt: skip
+    one_tower_maps = {"conv2": (12, 32), "conv4": (48, 48), "conv5": (48, 32)}
+    for layer, (maps_in, maps_out) in one_tower_maps.items():
         assert {k[2] for k in both_towers[layer]} == {maps_in}, layer  # one tower's maps in
         assert sum(k[3] for k in both_towers[layer]) == 2 * maps_out, layer  # both towers out
 
@@ -245,21 +248,31 @@ def test_two_processes_give_the_losses_of_one(runs, tmp_path):
     data axis crosses them) and gives the one-process 4x2 run's losses."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = REPO
-    command = [os.path.join(REPO, "launch", "processes.sh"), "-n", "2", "--cpu-devices", "4",
-               "--log-dir", str(tmp_path), "--", sys.executable,
-               os.path.join(REPO, "tests", "multiprocess_worker.py")]  # fmt: skip
+    launcher = os.path.join(REPO, "launch", "processes.sh")
+    options = ["-n", "2", "--cpu-devices", "4", "--log-dir", str(tmp_path)]
+    worker_script = os.path.join(REPO, "tests", "multiprocess_worker.py")
+    command = [launcher, *options, "--", sys.executable, worker_script]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:] + (tmp_path / "process_1.log").read_text()
     result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
     assert (result["processes"], result["devices"]) == (2, 8)
     assert result["mesh"] == {"data": 4, "model": 2}
     _close([m["loss"] for m in result["metrics"]], [m["loss"] for m in runs["4x2"]["metrics"]])
-    _close([m["grad_norm"] for m in result["metrics"]],
-           [m["grad_norm"] for m in runs["4x2"]["metrics"]])  # fmt: skip
+    _close(
+        [m["grad_norm"] for m in result["metrics"]],
+        [m["grad_norm"] for m in runs["4x2"]["metrics"]],
+    )
 
 
 def test_param_specs_split_only_tower_layers():
-    model = models.build_model(worker.config(mesh_model=2))
+    build = lambda model_axis: models.build_model(
+        "alexnet",
+        num_classes=10,
+        dtype=jnp.float32,
+        model_axis=model_axis,
+        width_divisor=worker.WIDTH_DIVISOR,
+    )
+    model = build(2)
     params = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
     )["params"]
@@ -267,6 +280,5 @@ def test_param_specs_split_only_tower_layers():
     assert specs["conv1"]["kernel"] == P(None, None, None, "model")
     assert specs["fc7"]["bias"] == P("model")
     assert specs["fc8"]["kernel"] == P()
-    one_device = models.build_model(worker.config(mesh_model=1))
-    assert all(s == P() for s in jax.tree.leaves(models.param_specs(one_device, params),
-                                                 is_leaf=lambda x: isinstance(x, P)))  # fmt: skip
+    one_device = models.param_specs(build(1), params)
+    assert all(s == P() for s in jax.tree.leaves(one_device, is_leaf=lambda x: isinstance(x, P)))

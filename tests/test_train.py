@@ -11,33 +11,32 @@ import optax
 import pytest
 
 from cnn_jax import defaults, losses, train
-from cnn_jax.data import pipeline
 from cnn_jax.errors import UserError
 
 
-def tiny_config(tfds_dir, **overrides):
-    c = defaults.get_default_config()
-    c.model = "lenet5"
-    c.loss = "lenet_map"
-    c.dataset = "bundled_digits"
-    c.data_dir = tfds_dir
-    c.image_size = 32
-    c.preprocess = "lenet"
-    c.batch_size = 64
-    c.learning_rate = 0.005
-    c.num_train_steps = 6
-    c.log_every_steps = 2
-    c.eval_every_epochs = 1000.0  # only at the end
-    c.checkpoint_every_steps = 3
-    c.progress_bar = False
-    for k, v in overrides.items():
-        c[k] = v
+def tiny_config(tfds_dir, **groups):
+    """LeNet-5 on the bundled digits, 6 steps; `groups` override fields: run={"seed": 1}."""
+    c = defaults.get_default_config("lenet5")
+    c.loss.name = "lenet_map"
+    c.data.name = "bundled_digits"
+    c.data.data_dir = tfds_dir
+    c.input.image_size = 32
+    c.input.preprocess = "lenet"
+    c.input.batch_size = 64
+    c.optim.learning_rate = 0.005
+    c.run.num_train_steps = 6
+    c.run.log_every_steps = 2
+    c.eval.every_epochs = 1000.0  # only at the end
+    c.run.checkpoint_every_steps = 3
+    c.run.progress_bar = False
+    for group, fields in groups.items():
+        c[group].update(fields)
     return c
 
 
 @pytest.fixture(scope="module")
 def trainer(tfds_dir):
-    return train.Trainer(tiny_config(tfds_dir))
+    return train.build_trainer(tiny_config(tfds_dir))
 
 
 def _first_batch(trainer, start_step=0):
@@ -65,7 +64,7 @@ def test_sharded_step_equals_single_device_reference(trainer):
 
     def loss_fn(p):
         scores = trainer.model.apply({"params": p}, images)
-        return jnp.mean(losses.lenet_map(scores, labels, config=trainer.config))
+        return jnp.mean(losses.lenet_map(scores, labels, j=1.0))
 
     loss, grads = jax.value_and_grad(loss_fn)(params0)
     updates, _ = trainer.tx.update(grads, trainer.tx.init(params0), params0)
@@ -94,10 +93,10 @@ def test_batches_are_a_function_of_the_step(trainer):
 
 
 def test_eval_sees_every_example_once(trainer):
-    ds = pipeline.eval_dataset(trainer.config)
+    ds = trainer.experiment.eval_batches({"image": None})
     masks = np.concatenate([b["mask"] for b in ds.as_numpy_iterator()])
     labels = np.concatenate([b["label"] for b in ds.as_numpy_iterator()])
-    assert masks.sum() == 1000 and len(masks) % trainer.config.batch_size == 0
+    assert masks.sum() == 1000 and len(masks) % trainer.batch_size == 0
     np.testing.assert_array_equal(np.bincount(labels[masks == 1]), [100] * 10)
 
 
@@ -116,7 +115,7 @@ def _read_metrics(workdir):
 
 def test_train_and_evaluate_writes_everything_and_resumes(tfds_dir, tmp_path):
     workdir = str(tmp_path / "run")
-    config = tiny_config(tfds_dir, num_train_steps=4)
+    config = tiny_config(tfds_dir, run={"num_train_steps": 4})
     train.train_and_evaluate(config, workdir)
     records = _read_metrics(workdir)
     assert [r["step"] for r in records if r["split"] == "train"] == [2, 4]
@@ -126,34 +125,34 @@ def test_train_and_evaluate_writes_everything_and_resumes(tfds_dir, tmp_path):
     assert eval_line["step"] == 4 and 0.0 <= eval_line["accuracy"] <= 1.0
     assert "top5_accuracy" in eval_line
     with open(os.path.join(workdir, "config.json")) as f:
-        assert json.load(f)["model"] == "lenet5"
+        assert json.load(f)["model"]["name"] == "lenet5"
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "4"]
     assert any(f.startswith("events.out") for f in os.listdir(os.path.join(workdir, "tensorboard")))
 
     # The same command with a later end continues from step 4 instead of restarting.
-    resumed = train.train_and_evaluate(tiny_config(tfds_dir, num_train_steps=8), workdir)
+    resumed = train.train_and_evaluate(tiny_config(tfds_dir, run={"num_train_steps": 8}), workdir)
     steps = [r["step"] for r in _read_metrics(workdir) if r["split"] == "train"]
     assert steps == [2, 4, 6, 8]
 
     # ... and ends with the parameters of an uninterrupted 8-step run.
     straight = train.train_and_evaluate(
-        tiny_config(tfds_dir, num_train_steps=8), str(tmp_path / "straight")
+        tiny_config(tfds_dir, run={"num_train_steps": 8}), str(tmp_path / "straight")
     )
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params),
                  jax.device_get(straight.params))  # fmt: skip
 
     # A finished run rerun only reports.
     before = len(_read_metrics(workdir))
-    again = train.train_and_evaluate(tiny_config(tfds_dir, num_train_steps=8), workdir)
+    again = train.train_and_evaluate(tiny_config(tfds_dir, run={"num_train_steps": 8}), workdir)
     assert int(again.step) == 8 and len(_read_metrics(workdir)) == before
 
 
 def test_missing_dataset_without_network_is_one_clear_error(tmp_path):
-    config = tiny_config(str(tmp_path), dataset="mnist")
+    config = tiny_config(str(tmp_path), data={"name": "mnist"})
     with pytest.raises(UserError, match="bundled_digits"):
-        train.Trainer(config)
+        train.build_trainer(config)
 
 
 def test_unknown_model_names_the_choices(tfds_dir):
     with pytest.raises(UserError, match=r"unknown model 'lenet7'.*lenet5"):
-        train.Trainer(tiny_config(tfds_dir, model="lenet7"))
+        train.build_trainer(tiny_config(tfds_dir, model={"name": "lenet7"}))

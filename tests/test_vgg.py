@@ -2,16 +2,18 @@
 warm start from A, and the config file. Numeric checks run at a reduced width
 (width_divisor=16) where the property does not depend on width; counts use shape inference."""
 
+import importlib.util
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_jax import checkpoint, defaults, models, summary, validation, warm_start
+from cnn_jax import checkpoint, models, summary, warm_start
 from cnn_jax.errors import UserError
-from cnn_jax.models import vgg
+from cnn_jax.models import layers, vgg
 from cnn_jax.train import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,18 +49,24 @@ def _expected_rows(variant):
         for i in range(1, n + 1):
             k = 1 if variant == "C" and b >= 3 and i == n else 3
             weights = k * k * c_in * width
-            rows.append((f"features/conv{b}_{i}", (side, side, width), weights + width,
-                         side * side * weights))  # fmt: skip
+            row = (f"features/conv{b}_{i}", (side, side, width), weights + width)
+            rows.append((*row, side * side * weights))
             c_in = width
-    for name, n_in, n_out in (("fc6", 7 * 7 * 512, 4096), ("fc7", 4096, 4096),
-                              ("fc8", 4096, 1000)):  # fmt: skip
+    for name, n_in, n_out in (("fc6", 7 * 7 * 512, 4096), ("fc7", 4096, 4096), ("fc8", 4096, 1000)):
         rows.append((f"classifier/{name}", (n_out,), n_in * n_out + n_out, n_in * n_out))
     return rows
 
 
+def _load_config(arg=None):
+    spec = importlib.util.spec_from_file_location("_vgg_config", VGG_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
 @pytest.mark.parametrize("variant", list(PARAMS))
 def test_table1_layers_shapes_and_parameter_counts(variant):
-    s = summary.summarize(summary.load_config(VGG_CONFIG, variant))
+    s = summary.summarize(_load_config(variant))
     got = [(r.layer, r.output_shape, r.params, r.macs) for r in s.rows]
     assert got == _expected_rows(variant)
     assert s.total_params == PARAMS[variant]
@@ -156,9 +164,11 @@ def test_batch_norm_variant_and_dropout_in_training():
     assert "bias" not in variables["params"]["features"]["conv1_1"]
     assert set(variables["batch_stats"]["features"]["conv1_1_bn"]) == {"mean", "var"}
     x = jnp.concatenate([x, 2.0 * x + 1.0])
-    train = jax.jit(lambda key: model.apply(
-        variables, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"]
-    ))  # fmt: skip
+    train = jax.jit(
+        lambda key: model.apply(
+            variables, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"]
+        )
+    )
     (out0, new0), (out1, _) = train(jax.random.key(0)), train(jax.random.key(1))
     assert float(jnp.abs(out0 - out1).max()) > 0  # dropout differs by key
     moved = new0["batch_stats"]["features"]["conv1_1_bn"]["mean"]
@@ -172,24 +182,88 @@ def test_half_precision_computes_in_bfloat16_and_returns_float32():
     assert _apply(model, train=False)(variables, x).dtype == jnp.float32
 
 
-def test_variant_names_and_bad_letters():
+def _build(**fields):
+    return models.build_model("vgg", num_classes=10, dtype=jnp.float32, **fields)
+
+
+def test_variant_names_and_bad_arguments():
     names = ("d", "vgg16", "VGG19", "a-lrn", "vgg11", "vgg13")
     assert [vgg.resolve_variant(n) for n in names] == ["D", "D", "E", "A-LRN", "A", "B"]
-    config = defaults.get_default_config()
-    config.model, config.vgg_variant = "vgg", "F"
-    with pytest.raises(UserError, match="A, A-LRN, B, C, D, E"):
-        models.build_model(config)  # raised before anything compiles
+    assert _build(variant="vgg11", width_divisor=16).variant == "A"
+    bad = [
+        ({"variant": "F"}, r"--config.model.variant=F: .*A, A-LRN, B, C, D, E"),
+        ({"width_divisor": 3}, "--config.model.width_divisor=3 is not one of: 1, 2, 4, 8, 16"),
+        ({"vgg_variant": "D"}, r"--config.model.vgg_variant: vgg has no such field \(its fields"),
+    ]
+    for fields, message in bad:  # raised before anything compiles, in one line
+        with pytest.raises(UserError, match=message) as error:
+            _build(**fields)
+        assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match="is too small for vgg: it needs at least 32"):
+        models.check_input("vgg", 31, 10)
     with pytest.raises(UserError, match="unknown VGG configuration 'vgg17'"):
-        summary.load_config(VGG_CONFIG, "vgg17")
+        _load_config("vgg17")
+
+
+def test_registry_entry():
+    spec = models.spec("vgg")
+    assert (spec.dense, spec.preprocess, spec.min_image_size, spec.towers) == (True, "vgg", 32, 1)
+    assert models.model_config("vgg").to_dict() == {
+        "name": "vgg",
+        "variant": "D",
+        "batch_norm": False,
+        "dropout_rate": 0.5,
+        "width_divisor": 1,
+        "warm_start_from": "",
+    }
+    # warm_start_from is the run's (cnn_jax.warm_start), not the module's.
+    assert _build(warm_start_from="/somewhere", width_divisor=16).width_divisor == 16
 
 
 def test_config_is_the_papers_recipe():
-    c = summary.load_config(VGG_CONFIG, "vgg16")
-    assert (c.model, c.vgg_variant, c.image_size, c.dataset) == ("vgg", "D", 224, "imagenet2012")
-    assert (c.batch_size, c.momentum, c.weight_decay, c.dropout_rate) == (256, 0.9, 5e-4, 0.5)
-    assert (c.learning_rate, c.lr_schedule, c.plateau_max_drops, c.num_epochs) == (
-        1e-2, "plateau", 3, 74.0)  # fmt: skip
-    assert summary.load_config(VGG_CONFIG).vgg_variant == "D"
+    c = _load_config("vgg16")
+    assert (c.model.name, c.model.variant, c.input.image_size, c.data.name) == (
+        "vgg",
+        "D",
+        224,
+        "imagenet2012",
+    )
+    assert (c.input.batch_size, c.optim.momentum, c.optim.weight_decay) == (256, 0.9, 5e-4)
+    assert (c.optim.learning_rate, c.optim.schedule, c.optim.plateau_max_drops) == (
+        1e-2,
+        "plateau",
+        3,
+    )
+    assert (c.model.dropout_rate, c.run.num_epochs) == (0.5, 74.0)
+    assert _load_config().model.variant == "D"
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_cpu_kernels_match_flax_in_value_and_gradients(batch_norm):
+    """VGG built from the CPU kernel set (layers.Conv, ops.dot_general, ops.max_pool) has the
+    parameter tree of the one built from Flax's own (nn.Conv, lax.dot_general, nn.max_pool)
+    and computes the same scores and gradients, to float32 rounding."""
+    kw = dict(variant="A-LRN", num_classes=10, width_divisor=16, batch_norm=batch_norm)
+    cpu = vgg.VGG(**kw, **layers.Kernels.for_backend("cpu").fields())
+    flax_own = vgg.VGG(**kw, **layers.Kernels.for_backend("gpu").fields())
+    assert flax_own.conv is layers.FlaxConv and issubclass(layers.FlaxConv, nn.Conv)
+    variables, x = _init(cpu, 64)
+    x = jnp.concatenate([x, -x])
+    labels = jnp.array([3, 7])
+    shapes = jax.eval_shape(lambda: flax_own.init(jax.random.key(0), x, train=False))
+    assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, variables)
+
+    def loss(model, params):
+        v = {**variables, "params": params}
+        scores, _ = model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})
+        return jnp.mean(scores[jnp.arange(2), labels] - jax.nn.logsumexp(scores, -1)), scores
+
+    key = jax.random.key(5)
+    grad = lambda model: jax.jit(jax.grad(lambda p: loss(model, p), has_aux=True))
+    (g1, y1), (g0, y0) = grad(cpu)(variables["params"]), grad(flax_own)(variables["params"])
+    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-6 * float(jnp.abs(y0).max()))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
 
 
 # --- Warm start (Sec. 3.1) ------------------------------------------------------------------
@@ -200,8 +274,13 @@ COPIED = {("features", n) for n in ("conv1_1", "conv2_1", "conv3_1", "conv3_2")}
 
 
 def _state(params, batch_stats=None):
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=batch_stats or {},
-                      opt_state=(), rng=jax.random.key(0))  # fmt: skip
+    return TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=params,
+        batch_stats=batch_stats or {},
+        opt_state=(),
+        rng=jax.random.key(0),
+    )
 
 
 @pytest.mark.parametrize("target", ["B", "C", "D", "E"])
@@ -216,8 +295,8 @@ def test_warm_start_copies_exactly_the_layers_the_paper_names(tmp_path, target):
     else:
         started = warm_start.copy_layers(fresh, source)["params"]
 
-    for parent, layers in fresh["params"].items():
-        for name in layers:
+    for parent, children in fresh["params"].items():
+        for name in children:
             expected = source if (parent, name) in COPIED else fresh
             got, want = started[parent][name], expected["params"][parent][name]
             assert jax.tree.structure(got) == jax.tree.structure(want)
@@ -236,8 +315,7 @@ def test_warm_start_rejects_a_checkpoint_that_does_not_fit():
         warm_start.copy_layers(bn, source)
 
 
-def test_warm_start_is_refused_for_other_models_before_anything_compiles(tmp_path):
-    config = defaults.get_default_config()
-    config.warm_start_from = str(tmp_path)
-    with pytest.raises(UserError, match=r"needs --config\.model=vgg"):
-        validation.check_config(config, num_devices=1)
+def test_warm_start_is_vgg_s_field_alone(tmp_path):
+    """Other models have no warm_start_from field: asking for one is refused in one line."""
+    with pytest.raises(UserError, match=r"--config.model.warm_start_from: lenet5 has no such"):
+        models.build_model("lenet5", num_classes=10, dtype=jnp.float32, warm_start_from="x")

@@ -1,11 +1,14 @@
 """`image_folder`: the user's own images, laid out as ROOT/SPLIT/CLASS/*.{jpg,jpeg,png} and
-found through TFDS's folder builder (`tfds.ImageFolder`), ROOT being --config.manual_dir.
+found through TFDS's folder builder (`tfds.ImageFolder`), ROOT being --config.data.manual_dir
+(`root_of`); every function here takes ROOT.
 
 Classes are the sorted class-folder names of the `train` split: a class folder there without a
 readable image, or a class folder of the evaluation split that train lacks (its images could
 never be predicted right), is a UserError naming it. Training reads the `train` split;
 evaluation the first of `validation`, `val`, `test` that exists. Hidden files and folders
 (names starting with '.': .DS_Store, macOS's ._name.jpg, .ipynb_checkpoints) are ignored.
+`check` makes the checks that need no decoding as soon as the dataset is chosen
+(cnn_jax.data.datasets.Source), before anything compiles.
 
 Bad files. A JPEG that is truncated or is not an image at all would stop a tf.data pipeline
 in the middle of an epoch. So each split is scanned once, when a run first asks for it: every
@@ -30,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from cnn_jax import paths
 from cnn_jax.errors import UserError
 
 EVAL_SPLIT_NAMES = ("validation", "val", "test")
@@ -48,15 +52,14 @@ class ScannedSplit:
     bad_paths: tuple[str, ...]  # files that cannot be read as images (skipped)
 
 
-def _root(config) -> str:
-    root = os.path.expanduser(config.manual_dir)
-    if not root:
+def root_of(manual_dir: str) -> str:
+    """The folder --config.data.manual_dir names, `~` expanded; UserError unless it is one."""
+    if not manual_dir:
         raise UserError(
-            f"--config.dataset=image_folder needs --config.manual_dir=ROOT with images in {_LAYOUT}"
+            "--config.data.name=image_folder needs --config.data.manual_dir=ROOT with images in "
+            f"{_LAYOUT}"
         )
-    if not os.path.isdir(root):
-        raise UserError(f"--config.manual_dir={root} does not exist")
-    return root
+    return paths.existing_directory(manual_dir, "--config.data.manual_dir")
 
 
 @functools.cache
@@ -72,7 +75,7 @@ def _split_name(root: str, split: str) -> str:
         if name in found:
             return name
     raise UserError(
-        f"--config.manual_dir={root} has no {' / '.join(wanted)} split with images "
+        f"--config.data.manual_dir={root} has no {' / '.join(wanted)} split with images "
         f"(found: {', '.join(sorted(found)) or 'none'}); expected {_LAYOUT}"
     )
 
@@ -100,9 +103,36 @@ def _class_files(root: str, split_name: str) -> list[str]:
     return paths
 
 
-def class_names(config) -> list[str]:
+def class_names(root: str) -> list[str]:
     """The label space: the train split's class folders, sorted."""
-    return _class_folders(_root(config), "train")
+    return _class_folders(root, "train")
+
+
+def _image_count(folder: str) -> int:
+    walk = os.walk(folder)
+    return sum(f.lower().endswith(IMAGE_EXTENSIONS) for *_, files in walk for f in files)
+
+
+def check(root: str) -> None:
+    """The layout, before a run reads anything: a train split, no split folder without images
+    (TFDS's folder builder fails deep inside tf.data on an empty one), an evaluation split
+    (checked now, not when the first evaluation opens it, so that a wrong name stops the run
+    before it trains), eval classes that train has, and at least 2 classes."""
+    names = sorted(os.listdir(root))
+    splits = [n for n in names if _visible(n) and os.path.isdir(os.path.join(root, n))]
+    empty = [name for name in splits if not _image_count(os.path.join(root, name))]
+    if "train" not in splits or empty:
+        where = ", ".join(os.path.join(root, s) for s in empty) or os.path.join(root, "train")
+        raise UserError(
+            f"--config.data.manual_dir={root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in "
+            f"{where}; expected {_LAYOUT} with a train split"
+        )
+    if not set(splits) & set(EVAL_SPLIT_NAMES):
+        raise UserError(
+            f"--config.data.manual_dir={root} has no {' / '.join(EVAL_SPLIT_NAMES)} split to "
+            f"evaluate on (found: {', '.join(splits)}); expected {_LAYOUT}"
+        )
+    check_eval_classes(root)
 
 
 def check_eval_classes(root: str) -> None:
@@ -113,7 +143,7 @@ def check_eval_classes(root: str) -> None:
     if extra:
         folders = ", ".join(os.path.join(root, split_name, name) for name in extra)
         raise UserError(
-            f"--config.manual_dir={root}: {folders} has no class folder of the same name in "
+            f"--config.data.manual_dir={root}: {folders} has no class folder of the same name in "
             f"{os.path.join(root, 'train')} (the classes are train's folders, so its images "
             "could never be predicted right): add it there or remove it"
         )
@@ -162,7 +192,7 @@ def scan(root: str, split_name: str) -> ScannedSplit:
         )
     if not paths:
         raise UserError(
-            f"--config.manual_dir={root}: split {split_name!r} has no readable images "
+            f"--config.data.manual_dir={root}: split {split_name!r} has no readable images "
             f"({len(bad)} unreadable files); expected {_LAYOUT}"
         )
     if split_name == "train":
@@ -170,27 +200,26 @@ def scan(root: str, split_name: str) -> ScannedSplit:
         empty = [os.path.join(root, split_name, c) for i, c in enumerate(classes) if i not in seen]
         if empty:
             raise UserError(
-                f"--config.manual_dir={root}: class folder {', '.join(empty)} has no readable "
+                f"--config.data.manual_dir={root}: class folder {', '.join(empty)} has no readable "
                 f"image ({', '.join(IMAGE_EXTENSIONS)} that decodes): add images or remove it"
             )
     return ScannedSplit(paths, labels, bad)
 
 
-def _scanned(config, split: str) -> ScannedSplit:
-    root = _root(config)
+def _scanned(root: str, split: str) -> ScannedSplit:
     if not sum(info.num_examples for info in _builder(root).info.splits.values()):
-        raise UserError(f"--config.manual_dir={root} contains no images; expected {_LAYOUT}")
+        raise UserError(f"--config.data.manual_dir={root} contains no images; expected {_LAYOUT}")
     return scan(root, _split_name(root, split))
 
 
-def num_examples(config, split: str) -> int:
+def num_examples(root: str, split: str) -> int:
     """Decodable examples in the whole split (all processes together)."""
-    return len(_scanned(config, split).paths)
+    return len(_scanned(root, split).paths)
 
 
-def process_examples(config, split: str) -> tf.data.Dataset:
+def process_examples(root: str, split: str) -> tf.data.Dataset:
     """This process's share of `split` as {'image': encoded bytes, 'label': int32}."""
-    scanned = _scanned(config, split)
+    scanned = _scanned(root, split)
     bounds = np.linspace(0, len(scanned.paths), jax.process_count() + 1).astype(int)
     lo, hi = bounds[jax.process_index()], bounds[jax.process_index() + 1]
     ds = tf.data.Dataset.from_tensor_slices(

@@ -1,17 +1,22 @@
 """Per-paper preprocessing as tf ops: image -> float32 model input.
 
-Every op in PREPROCESSORS has the signature `op(image, seed, *, train, config) -> image` and
-uses only stateless random ops seeded by `seed` (an int64 [2] tensor derived from the run seed,
-the epoch and the example), so it gives the same result eagerly and inside `tf.data.map`, and a
-resumed run sees exactly the augmentation an uninterrupted one would. `image` is a decoded
-uint8 [H, W, C] tensor or, for datasets read without decoding (image folders, ImageNet), the
-encoded JPEG/PNG bytes; the op decodes those itself.
+Each op is one PreprocessSpec in PREPROCESSORS: the function
+`op(image, seed, *, train, image_size, **params) -> image` and the facts about it (the channels
+it makes, the knobs it reads, whether it runs batched, how its multi-view evaluation squares
+are normalised and rescaled). `Preprocessing` binds an op to its parameters once; the pipeline,
+the evaluators and the cache take that. Every op uses only stateless random ops seeded by
+`seed` (an int64 [2] tensor derived from the run seed, the epoch and the example), so it gives
+the same result eagerly and inside `tf.data.map`, and a resumed run sees exactly the
+augmentation an uninterrupted one would. `image` is a decoded uint8 [H, W, C] tensor or, for
+datasets read without decoding (image folders, ImageNet), the encoded JPEG/PNG bytes; the op
+decodes those itself.
 
-Channels. Each op makes the channels its model takes (INPUT_CHANNELS): AlexNet and VGG shift
-and centre RGB colours, so a grey image becomes RGB by replicating it; LeNet-5 reads grey
-digits, so an RGB image becomes its luminance. Files always decode as RGB first, as
+Channels. Each op makes the channels its model takes (PreprocessSpec.input_channels): AlexNet
+and VGG shift and centre RGB colours, so a grey image becomes RGB by replicating it; LeNet-5
+reads grey digits, so an RGB image becomes its luminance. Files always decode as RGB first, as
 torchvision's ImageFolder reads them, so that a grey, palette, RGBA, CMYK or 16-bit file gives
-what its RGB rendering would. `input_channels` is the one rule every part of the package asks.
+what its RGB rendering would. `Preprocessing.channels` is the one rule every part of the
+package asks.
 
 Sizes. The papers crop 224x224 out of images whose shorter side is 256 (AlexNet) or
 S in [256, 512] (VGG). Every side here is given at that 224 scale and multiplied by
@@ -23,15 +28,22 @@ Decoding only the patch. AlexNet's and VGG's training and centre views are patch
 rescaled image, so they are computed from only the source pixels a patch needs
 (rescaled_patch): for JPEG bytes only that window is decoded (tf.image.decode_and_crop_jpeg),
 and no full-size rescaled image is made. The views equal rescale-then-crop
-(REFERENCE_PREPROCESSORS, same seeds) to float rounding; docs/input_pipeline.md has the
+(PreprocessSpec.reference, same seeds) to float rounding; docs/input_pipeline.md has the
 geometry and the rates.
 
 Evaluation views beyond the centre crop (AlexNet's ten crops, VGG's dense multi-scale) need
-the whole rescaled square, not one crop: `eval_views` makes those for cnn_jax.evaluate.
+the whole rescaled square, not one crop: `Preprocessing.square` makes those.
 """
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
+
+from cnn_jax.errors import UserError
 
 # LeNet-5 (paper Sec. II-B): "the values of the input pixels are normalized so that the
 # background level (white) corresponds to a value of -0.1 and the foreground (black)
@@ -75,7 +87,7 @@ LENET_MAX_SHEAR = 0.15  # horizontal shift per row, as a fraction of a pixel
 # these sum to 1, so a grey image replicated to RGB comes back unchanged).
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
 
-# The ops branch only on Python values (train, config, static shapes), so tf.data need not
+# The ops branch only on Python values (train, their parameters, static shapes), so tf.data need not
 # rewrite them with AutoGraph: skipping the conversion saves seconds per pipeline built.
 _plain_graph_code = tf.autograph.experimental.do_not_convert
 
@@ -110,13 +122,13 @@ def with_channels(image, channels: int | None):
         return tf.tile(image, [1, 1, 3])
     if (have, channels) == (3, 1):
         return luminance(image)
-    # validation.check_config refuses such datasets before a pipeline is built.
+    # cnn_jax.data.pipeline.input_channels refuses such datasets before a pipeline is built.
     raise ValueError(f"cannot convert {have}-channel images to {channels} channels")
 
 
-def scaled_side(side_at_224: int, config) -> int:
-    """A side quoted at the papers' 224 crop, at this run's image_size."""
-    return round(side_at_224 * config.image_size / PAPER_CROP)
+def scaled_side(side_at_224: int, image_size: int) -> int:
+    """A side quoted at the papers' 224 crop, at input side `image_size`."""
+    return round(side_at_224 * image_size / PAPER_CROP)
 
 
 def rescaled_size(hw, side):
@@ -163,9 +175,9 @@ def random_crop_and_flip(image, size: int, seed):
 # bytes) and resampled, at the same sample positions with the same weights, so the patch
 # equals resize-then-crop to float rounding (tests/test_input_pipeline.py).
 
-# Output rows resampled together by one small matrix product (see _resample): 16 was the
-# fastest of 4, 8, 16, 32, 56 per CPU-second with TensorFlow's Eigen matmul (cnn_jax turns
-# oneDNN off; with it, 8 is as fast).
+# Output rows resampled together by one small matrix product (see _resample): of 4, 8, 16,
+# 32 and 56, 16 gives the most images per CPU-second with TensorFlow's Eigen matmul (cnn_jax
+# turns oneDNN off).
 _RESAMPLE_BLOCK = 16
 
 
@@ -219,10 +231,9 @@ def _axis_weights(size: int, n, first, step):
 
 def _resample(pixels, size: int, first, step):
     """uint8 [h, w, C] -> float32 [size, size, C]: ScaleAndTranslate's triangle resampling at
-    the given sample positions, as two passes of blocked matrix products. TensorFlow's own
-    kernel is scalar code and took about half of a training view's CPU time; a block of
-    samples reads a short run of source rows, so each pass is a batch of small products over
-    gathered rows.
+    the given sample positions, as two passes of blocked matrix products (TensorFlow's own
+    kernel is scalar code): a block of samples reads a short run of source rows, so each pass
+    is a batch of small products over gathered rows.
     """
     h, w, channels = tf.shape(pixels)[0], tf.shape(pixels)[1], pixels.shape[-1]
     rows_w, rows_i = _axis_weights(size, h, first[0], step[0])
@@ -356,13 +367,13 @@ def _lenet_affine(image, seed):
 
 
 @_plain_graph_code
-def lenet(image, seed, *, train, config):
+def lenet(image, seed, *, train, image_size, lenet_distortions):
     """28x28 digits padded to 32x32 so that stroke end-points can reach the centre of C3's
-    receptive fields; intensities mapped to [-0.1, 1.175]; with config.lenet_distortions,
-    training images get one random affine distortion each (paper Sec. III-C)."""
-    image = tf.cast(decoded(image, INPUT_CHANNELS["lenet"]), tf.float32) / 255.0
+    receptive fields; intensities mapped to [-0.1, 1.175]; with lenet_distortions, training
+    images get one random affine distortion each (paper Sec. III-C)."""
+    image = tf.cast(decoded(image, PREPROCESSORS["lenet"].input_channels), tf.float32) / 255.0
     image = LENET_BACKGROUND + image * (LENET_INK - LENET_BACKGROUND)
-    size = config.image_size
+    size = image_size
     static_side = image.shape[0]
     if static_side is None or static_side > size:
         # Larger images (a folder of JPEGs, whose size is known only per image) are shrunk to
@@ -381,31 +392,35 @@ def lenet(image, seed, *, train, config):
         )
         + LENET_BACKGROUND
     )
-    if train and config.lenet_distortions:
+    if train and lenet_distortions:
         image = _lenet_affine(image, seed)
     return image
 
 
+def _unit_range(image):
+    return image / 127.5 - 1.0
+
+
 @_plain_graph_code
-def scale_to_unit(image, seed, *, train, config):
+def scale_to_unit(image, seed, *, train, image_size):
     """[0, 255] -> [-1, 1], resized to image_size: synthetic data and quick experiments."""
     del seed, train
-    image = tf.cast(decoded(image, INPUT_CHANNELS["scale_to_unit"]), tf.float32) / 127.5 - 1.0
-    size = config.image_size
-    if image.shape[0] != size or image.shape[1] != size:
-        image = tf.image.resize(image, [size, size])
+    channels = PREPROCESSORS["scale_to_unit"].input_channels
+    image = _unit_range(tf.cast(decoded(image, channels), tf.float32))
+    if image.shape[0] != image_size or image.shape[1] != image_size:
+        image = tf.image.resize(image, [image_size, image_size])
     return image
 
 
 @_plain_graph_code
-def alexnet(image, seed, *, train, config):
+def alexnet(image, seed, *, train, image_size, pca_lighting_std):
     """AlexNet (Sec. 2, 4.1): shorter side to 256, central 256x256; training takes a random
     224x224 patch, mirrors it half the time and shifts its colour along the ImageNet RGB
     principal components; evaluation takes the centre patch. Per-channel mean subtracted.
 
     Only the patch is computed, from only the source pixels it needs (rescaled_patch): the
     same views as alexnet_resize_then_crop, which rescales the whole image first."""
-    size, side = config.image_size, scaled_side(ALEXNET_SIDE, config)
+    size, side = image_size, scaled_side(ALEXNET_SIDE, image_size)
     square = tf.constant([side, side])
     if train:
         crop_seed, colour_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -420,11 +435,11 @@ def alexnet(image, seed, *, train, config):
     if not train:
         return subtract_mean_rgb(image)
     # One pass over the patch for both offsets (the op is memory-bound).
-    return image + (pca_colour_shift(colour_seed, config.pca_lighting_std) - IMAGENET_MEAN_RGB)
+    return image + (pca_colour_shift(colour_seed, pca_lighting_std) - IMAGENET_MEAN_RGB)
 
 
 @_plain_graph_code
-def vgg(image, seed, *, train, config):
+def vgg(image, seed, *, train, image_size, pca_lighting_std, train_scale_min, train_scale_max):
     """VGG (Sec. 3.1): training rescales the shorter side to S, drawn per image from
     [train_scale_min, train_scale_max] (equal bounds: fixed S), then takes a random 224x224
     crop, mirrored half the time, with AlexNet's colour shift. Evaluation rescales to
@@ -432,11 +447,8 @@ def vgg(image, seed, *, train, config):
 
     Only the crop is computed, from only the source pixels it needs (rescaled_patch): the
     same views as vgg_resize_then_crop."""
-    size = config.image_size
-    s_min, s_max = (
-        scaled_side(config.train_scale_min, config),
-        scaled_side(config.train_scale_max, config),
-    )
+    size = image_size
+    s_min, s_max = scaled_side(train_scale_min, size), scaled_side(train_scale_max, size)
     if not train:
         centre = lambda new_hw: (new_hw - size) // 2  # central_crop's
         return subtract_mean_rgb(rescaled_patch(image, (s_min + s_max) // 2, centre, size))
@@ -447,38 +459,35 @@ def vgg(image, seed, *, train, config):
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(crop_seed, 2))
     offset_of = lambda new_hw: _crop_offset(new_hw, size, crop_seed)
     image = rescaled_patch(image, side, offset_of, size, _mirrors(flip_seed))
-    return image + (pca_colour_shift(colour_seed, config.pca_lighting_std) - IMAGENET_MEAN_RGB)
+    return image + (pca_colour_shift(colour_seed, pca_lighting_std) - IMAGENET_MEAN_RGB)
 
 
 # The resize-then-crop forms of the decode-the-patch ops: same seeds, same views.
 @_plain_graph_code
-def alexnet_resize_then_crop(image, seed, *, train, config):
+def alexnet_resize_then_crop(image, seed, *, train, image_size, pca_lighting_std):
     """`alexnet` as the paper words it: decode the whole image, rescale it, cut the square,
     then the patch. The same views from the same seeds; the reference the op is tested
     against (and timed against: benchmarks/input_rate.py --compare)."""
-    size = config.image_size
-    image = rescaled_square(
-        decoded(image, INPUT_CHANNELS["alexnet"]), scaled_side(ALEXNET_SIDE, config)
-    )
+    size = image_size
+    image = rescaled_square(decoded(image, 3), scaled_side(ALEXNET_SIDE, size))
     if train:
         crop_seed, colour_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         image = random_crop_and_flip(image, size, crop_seed)
-        image = image + pca_colour_shift(colour_seed, config.pca_lighting_std)
+        image = image + pca_colour_shift(colour_seed, pca_lighting_std)
     else:
         image = central_crop(image, size, size)
     return subtract_mean_rgb(image)
 
 
 @_plain_graph_code
-def vgg_resize_then_crop(image, seed, *, train, config):
+def vgg_resize_then_crop(
+    image, seed, *, train, image_size, pca_lighting_std, train_scale_min, train_scale_max
+):
     """`vgg` as the paper words it: decode the whole image, rescale it to S, then crop. The
     reference the op is tested and timed against, as alexnet_resize_then_crop."""
-    size = config.image_size
-    image = decoded(image, INPUT_CHANNELS["vgg"])
-    s_min, s_max = (
-        scaled_side(config.train_scale_min, config),
-        scaled_side(config.train_scale_max, config),
-    )
+    size = image_size
+    image = decoded(image, 3)
+    s_min, s_max = scaled_side(train_scale_min, size), scaled_side(train_scale_max, size)
     if train:
         scale_seed, crop_seed, colour_seed = tf.unstack(
             tf.random.experimental.stateless_split(seed, 3)
@@ -487,73 +496,175 @@ def vgg_resize_then_crop(image, seed, *, train, config):
             [], seed=scale_seed, minval=s_min, maxval=s_max + 1, dtype=tf.int32
         )
         image = random_crop_and_flip(resize_shorter_side(image, side), size, crop_seed)
-        image = image + pca_colour_shift(colour_seed, config.pca_lighting_std)
+        image = image + pca_colour_shift(colour_seed, pca_lighting_std)
     else:
         image = central_crop(resize_shorter_side(image, (s_min + s_max) // 2), size, size)
     return subtract_mean_rgb(image)
 
 
-PREPROCESSORS = {"lenet": lenet, "scale_to_unit": scale_to_unit, "alexnet": alexnet, "vgg": vgg}
-REFERENCE_PREPROCESSORS = {"alexnet": alexnet_resize_then_crop, "vgg": vgg_resize_then_crop}
-# The channels each op's output (the model input) has; None keeps the dataset's.
-INPUT_CHANNELS: dict[str, int | None] = {"lenet": 1, "alexnet": 3, "vgg": 3, "scale_to_unit": None}
+@dataclasses.dataclass(frozen=True)
+class PreprocessSpec:
+    """One preprocessing op and the facts the rest of the package needs about it."""
+
+    fn: Callable  # fn(image, seed, *, train, image_size, **{p: ... for p in params})
+    input_channels: int | None  # the model input's channels; None keeps the dataset's
+    params: tuple[str, ...] = ()  # the Preprocessing fields fn takes besides image_size
+    # Training applies fn to whole batches: tf.vectorized_map turns the per-example op into
+    # batched tensor ops (the same values, seeds included), which removes tf.data's
+    # per-element overhead that dominates a tiny op. Not for ops that decode or give each
+    # example its own intermediate shape (AlexNet, VGG): those stay a parallel map.
+    batched: bool = False
+    # Rescaled 0..255 pixels -> model input, for evaluation views other than the op's own
+    # centre crop (ten_crop, dense); None: the op has none (LeNet-5's padding geometry).
+    normalise: Callable | None = None
+    # The shorter side, at a 224 crop, the op's squares are rescaled to: AlexNet's 256
+    # (Sec. 2), which scale_to_unit's ten crops use too. With scale_jitter it is VGG's S,
+    # drawn per image from [train_scale_min, train_scale_max] in training (Sec. 3.1), and
+    # Q = (S_min + S_max) / 2 in evaluation (Sec. 4.1).
+    side: int | None = None
+    scale_jitter: bool = False
+    # Views are patches of the image rescaled to a side (rescaled_patch), so a fixed-side copy
+    # of an image folder (cnn_jax.data.cache) serves the op.
+    cacheable: bool = False
+    # The same views computed by decoding and rescaling the whole image first (same seeds);
+    # tests and benchmarks/input_rate.py --compare check the op against it.
+    reference: Callable | None = None
+
+
+PREPROCESSORS: dict[str, PreprocessSpec] = {
+    "lenet": PreprocessSpec(lenet, 1, params=("lenet_distortions",), batched=True),
+    "scale_to_unit": PreprocessSpec(scale_to_unit, None, normalise=_unit_range, side=ALEXNET_SIDE),
+    "alexnet": PreprocessSpec(
+        alexnet,
+        3,
+        params=("pca_lighting_std",),
+        normalise=subtract_mean_rgb,
+        side=ALEXNET_SIDE,
+        cacheable=True,
+        reference=alexnet_resize_then_crop,
+    ),
+    "vgg": PreprocessSpec(
+        vgg,
+        3,
+        params=("pca_lighting_std", "train_scale_min", "train_scale_max"),
+        normalise=subtract_mean_rgb,
+        scale_jitter=True,
+        cacheable=True,
+        reference=vgg_resize_then_crop,
+    ),
+}
 # The dataset channel counts an op with a fixed count converts from (see with_channels).
 CONVERTIBLE_CHANNELS = (1, 3)
-
-
-def input_channels(preprocess_name: str, dataset_channels: int) -> int:
-    """The model input's channels when op `preprocess_name` reads a dataset's images."""
-    wanted = INPUT_CHANNELS[preprocess_name]
-    return dataset_channels if wanted is None else wanted
-
-
-# --- Evaluation views (cnn_jax.evaluate) ----------------------------------------------------
-
-# How each op turns rescaled 0..255 pixels into model inputs, for views other than its own
-# centre crop. LeNet-5's padding geometry has no multi-view evaluation.
-_NORMALISERS = {
-    "alexnet": subtract_mean_rgb,
-    "vgg": subtract_mean_rgb,
-    "scale_to_unit": lambda image: image / 127.5 - 1.0,
-}
-MULTI_VIEW_PREPROCESSORS = tuple(_NORMALISERS)
-
-
-def ten_crop_side(config) -> int:
-    """The square the ten crops come from: the op's own evaluation scale."""
-    if config.preprocess == "vgg":
-        return (
-            scaled_side(config.train_scale_min, config)
-            + scaled_side(config.train_scale_max, config)
-        ) // 2
-    return scaled_side(ALEXNET_SIDE, config)
+MULTI_VIEW_PREPROCESSORS = tuple(name for name, s in PREPROCESSORS.items() if s.normalise)
 
 
 def dense_key(q: int) -> str:
+    """The eval batch key of VGG's dense evaluation at scale Q (cnn_jax.evaluate)."""
     return f"image_q{q}"
 
 
-def eval_view_sides(config) -> dict[str, int]:
-    """The batch fields an eval example carries for config.eval_mode, with their square side:
-    center: the op's own eval crop; ten_crop: the rescaled square the crops come from; dense:
-    one square per scale Q in eval_scales (VGG Sec. 3.2, rescaled to shorter side Q; the central
-    Q x Q square, since a batch needs one shape where the paper used the whole rectangle)."""
-    if config.eval_mode == "ten_crop":
-        return {"image": ten_crop_side(config)}
-    if config.eval_mode == "dense":
-        return {dense_key(q): scaled_side(q, config) for q in config.eval_scales}
-    return {"image": config.image_size}
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """An op with its parameters bound: the fields are the input group's knobs
+    (cnn_jax/defaults.py); each op reads image_size and its spec's `params`."""
 
+    name: str
+    image_size: int
+    lenet_distortions: bool = False
+    pca_lighting_std: float = 0.1
+    train_scale_min: int = 256
+    train_scale_max: int = 512
 
-@_plain_graph_code
-def eval_views(image, config) -> dict:
-    """One eval example's model inputs for config.eval_mode (see eval_view_sides)."""
-    if config.eval_mode == "center":
-        op = PREPROCESSORS[config.preprocess]
-        return {"image": op(image, tf.zeros([2], tf.int64), train=False, config=config)}
-    normalise = _NORMALISERS[config.preprocess]
-    image = decoded(image, INPUT_CHANNELS[config.preprocess])
-    return {
-        key: normalise(rescaled_square(image, side))
-        for key, side in eval_view_sides(config).items()
-    }
+    def __post_init__(self):
+        if self.name not in PREPROCESSORS:
+            raise UserError(
+                f"--config.input.preprocess={self.name!r} is not one of: {', '.join(PREPROCESSORS)}"
+            )
+        if not self.image_size > 0:
+            raise UserError(f"--config.input.image_size={self.image_size} must be > 0")
+        std = self.pca_lighting_std
+        if not math.isfinite(std):
+            raise UserError(f"--config.input.pca_lighting_std={std} must be a finite number")
+        if std < 0:
+            raise UserError(f"--config.input.pca_lighting_std={std} must be >= 0")
+        crop, low, high = PAPER_CROP, self.train_scale_min, self.train_scale_max
+        if self.spec.scale_jitter and not crop <= low <= high:
+            raise UserError(
+                f"--config.input.train_scale_min={low} and --config.input.train_scale_max="
+                f"{high} must satisfy {crop} <= min <= max (sides at a {crop} crop)"
+            )
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return PREPROCESSORS[self.name]
+
+    @property
+    def op(self) -> Callable:
+        """The op with its parameters bound: op(image, seed, *, train)."""
+        params = {p: getattr(self, p) for p in self.spec.params}
+        return functools.partial(self.spec.fn, image_size=self.image_size, **params)
+
+    @_plain_graph_code
+    def train(self, image, seed):
+        """One training view of `image`, augmented as `seed` draws."""
+        return self.op(image, seed, train=True)
+
+    @_plain_graph_code
+    def center(self, image):
+        """The op's evaluation view (its centre crop), image_size square."""
+        return self.op(image, tf.zeros([2], tf.int64), train=False)
+
+    def _normalise(self) -> Callable:
+        if self.spec.normalise is None:
+            raise UserError(
+                f"--config.input.preprocess={self.name} has no multi-view evaluation "
+                f"(ten_crop, dense): use one of {', '.join(MULTI_VIEW_PREPROCESSORS)}"
+            )
+        return self.spec.normalise
+
+    @_plain_graph_code
+    def square(self, image, side: int):
+        """`image` rescaled to shorter side `side`, its central side x side square, as model
+        input: what the ten crops (AlexNet Sec. 4.1) and dense evaluation (VGG Sec. 3.2, the
+        central Q x Q square, since a batch needs one shape where the paper used the whole
+        rectangle) are taken from."""
+        normalise = self._normalise()
+        return normalise(rescaled_square(decoded(image, self.spec.input_channels), side))
+
+    @_plain_graph_code
+    def views(self, image, views: dict) -> dict:
+        """One eval example's model inputs: batch key -> prep.square(image, side), or the
+        centre view for a side of None (cnn_jax.data.pipeline.eval_dataset)."""
+        out = {k: self.center(image) for k, side in views.items() if side is None}
+        squares = {k: side for k, side in views.items() if side is not None}
+        if squares:
+            normalise = self._normalise()
+            image = decoded(image, self.spec.input_channels)
+            out.update({k: normalise(rescaled_square(image, s)) for k, s in squares.items()})
+        return out
+
+    def channels(self, dataset_channels: int) -> int:
+        """The model input's channels when this op reads images with `dataset_channels`."""
+        wanted = self.spec.input_channels
+        return dataset_channels if wanted is None else wanted
+
+    def scaled_side(self, side_at_224: int) -> int:
+        """A side quoted at the papers' 224 crop, at this image_size."""
+        return scaled_side(side_at_224, self.image_size)
+
+    @property
+    def ten_crop_side(self) -> int:
+        """The square the ten crops come from: the op's own evaluation scale."""
+        self._normalise()
+        if self.spec.scale_jitter:
+            return (
+                self.scaled_side(self.train_scale_min) + self.scaled_side(self.train_scale_max)
+            ) // 2
+        return self.scaled_side(self.spec.side)
+
+    @property
+    def largest_train_side(self) -> int:
+        """The largest shorter side a training view is cut from (rescaling ops only)."""
+        if self.spec.scale_jitter:
+            return self.scaled_side(self.train_scale_max)
+        return self.scaled_side(self.spec.side)

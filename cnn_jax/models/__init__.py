@@ -1,125 +1,102 @@
-"""The model zoo: one registry from config.model to a Flax Linen module."""
+"""The model zoo: one `ModelSpec` per model, from its name (config.model.name) to a Flax module.
 
-from collections.abc import Callable
+A new model is its own file (the module, a `build` function and its `ModelSpec`) and one line
+in `MODELS`.
+"""
+
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec as P
 
 from cnn_jax.errors import UserError
-from cnn_jax.models import alexnet, vgg
-from cnn_jax.models.lenet import LeNet5, LeNet5Modern
+from cnn_jax.models import alexnet, lenet, vgg
+from cnn_jax.models.layers import Kernels
+from cnn_jax.models.spec import ModelSpec
 
-
-def _dtype(config) -> jnp.dtype:
-    return jnp.bfloat16 if config.half_precision else jnp.float32
-
-
-def resolve_half_precision(config) -> None:
-    """Fill an unset (None) config.half_precision in place: bfloat16 compute on GPU and TPU,
-    whose matrix units run it at twice float32's rate or more, float32 on CPU, where it only
-    adds conversions (README, Performance)."""
-    if config.half_precision is None:
-        config.half_precision = jax.default_backend() in ("gpu", "tpu")
-
-
-def resolve_mesh_model(config, num_devices: int, process_count: int = 1) -> str | None:
-    """Fill an automatic model axis (config.mesh_model=0, configs/alexnet.py's default) in
-    place: a device per tower where the devices allow it, else every device runs all towers
-    (parallel.auto_model_axis). Returns the one line that says which, for a model with
-    towers; None when nothing was chosen."""
-    from cnn_jax import parallel
-
-    if config.mesh_model != parallel.AUTO_MODEL_AXIS:
-        return None
-    towers = max(MODEL_AXIS_SIZES.get(config.model, (1,)))
-    config.mesh_model = parallel.auto_model_axis(
-        towers, num_devices=num_devices, batch_size=config.batch_size,
-        mesh_data=config.mesh_data, process_count=process_count,
-    )  # fmt: skip
-    if towers == 1:
-        return None
-    if config.mesh_model == towers:
-        return (
-            f"mesh: {config.model}'s {towers} towers on separate devices, the paper's split "
-            f"(data={num_devices // towers} x model={towers})"
-        )
-    return (
-        f"mesh: {config.model}'s {towers} towers together on each of the {num_devices} "
-        f"device(s) (data={num_devices} x model=1); a device per tower needs a multiple of "
-        f"{towers} devices that splits the batch evenly (--config.mesh_model={towers} insists)"
-    )
-
-
-def _width_divisor(c, allowed: tuple[int, ...]) -> int:
-    if c.width_divisor not in allowed:
-        raise UserError(
-            f"--config.width_divisor={c.width_divisor} is not one of: "
-            f"{', '.join(map(str, allowed))}"
-        )
-    return c.width_divisor
-
-
-def _vgg(c) -> nn.Module:
-    return vgg.VGG(
-        variant=vgg.resolve_variant(c.vgg_variant),  # a bad letter fails here, before compiling
-        num_classes=c.num_classes,
-        batch_norm=c.batch_norm,
-        dropout_rate=c.dropout_rate,
-        dtype=_dtype(c),
-        width_divisor=_width_divisor(c, vgg.WIDTH_DIVISORS),
-    )
-
-
-def _alexnet(c, towers: int) -> nn.Module:
-    _width_divisor(c, alexnet.WIDTH_DIVISORS)
-    # The towers split over the mesh's model axis when it has their number of devices; on a
-    # model axis of 1 each device runs both towers (grouped convolutions).
-    from cnn_jax.parallel import MODEL_AXIS  # models name the axis, nothing else of the mesh
-
-    return alexnet.AlexNet(
-        num_classes=c.num_classes,
-        dropout_rate=c.dropout_rate,
-        dtype=_dtype(c),
-        towers=towers,
-        tower_axis=MODEL_AXIS if towers > 1 and c.mesh_model == towers else None,
-        width_divisor=c.width_divisor,
-    )
-
-
-# Each entry builds a module from the config. Other model files add themselves here.
-MODELS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
-    "lenet5": lambda c: LeNet5(num_classes=c.num_classes, dtype=_dtype(c)),
-    "lenet5_modern": lambda c: LeNet5Modern(num_classes=c.num_classes, dtype=_dtype(c)),
-    "vgg": _vgg,
-    "alexnet": lambda c: _alexnet(c, towers=alexnet.TOWERS),
-    "alexnet_single_tower": lambda c: _alexnet(c, towers=1),
+# Every model, by its config.model.name. A model file defines its module, a `build` function
+# and its ModelSpec; this dict is the one line that registers it.
+MODELS: dict[str, ModelSpec] = {
+    "lenet5": lenet.SPEC,
+    "lenet5_modern": lenet.MODERN_SPEC,
+    "alexnet": alexnet.SPEC,
+    "alexnet_single_tower": alexnet.SINGLE_TOWER_SPEC,
+    "vgg": vgg.SPEC,
 }
 
-# The smallest input side each model accepts (checked before anything compiles).
-MIN_IMAGE_SIZE: dict[str, int] = {
-    "lenet5": 32,
-    "lenet5_modern": 32,
-    "vgg": vgg.MIN_IMAGE_SIZE,  # five 2x2 max-pools; FC6 adapts any last map to 7x7
-    "alexnet": alexnet.MIN_IMAGE_SIZE,  # fc6's fan-in follows the last map (6x6 at 224)
-    "alexnet_single_tower": alexnet.MIN_IMAGE_SIZE,
-}
-# Models whose input side is fixed by their architecture (a Dense layer after the convs).
-FIXED_IMAGE_SIZE: dict[str, int] = {"lenet5": 32, "lenet5_modern": 32}
-# The sizes of the mesh's model axis a model can be split over (its towers); others take 1.
-MODEL_AXIS_SIZES: dict[str, tuple[int, ...]] = {"alexnet": (1, alexnet.TOWERS)}
 
-
-def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+def spec(name: str) -> ModelSpec:
     try:
-        make = MODELS[config.model]
+        return MODELS[name]
     except KeyError:
         raise UserError(
-            f"unknown model {config.model!r}; choose one of: {', '.join(sorted(MODELS))}"
+            f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}"
         ) from None
-    return make(config)
+
+
+def model_config(name: str) -> ml_collections.ConfigDict:
+    """The config.model group of `name`: its name and its own fields' defaults."""
+    return ml_collections.ConfigDict({"name": name, **spec(name).fields})
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int,
+    dtype: Any,
+    model_axis: int = 1,
+    backend: str | None = None,
+    **fields,
+) -> nn.Module:
+    """The module of model `name`. `fields` are its own (config.model less `name`; missing
+    ones take their defaults); `model_axis` is the mesh's model-axis size (a tower model
+    splits its towers over it when it has one device per tower). The convolution, dense
+    product and pooling are chosen for `backend` (default: jax.default_backend()):
+    layers.Kernels.for_backend."""
+    model = spec(name)
+    unknown = sorted(set(fields) - set(model.fields))
+    if unknown:
+        own = ", ".join(model.fields) or "none"
+        raise UserError(
+            f"--config.model.{unknown[0]}: {name} has no such field (its fields: {own})"
+        )
+    if model_axis not in model.model_axis_sizes:
+        raise UserError(
+            f"--config.mesh.model={model_axis}: {name} cannot be split over the model axis; "
+            f"it takes {' or '.join(map(str, model.model_axis_sizes))}"
+        )
+    values = {**model.fields, **fields}
+    for field in model.not_module_fields:
+        values.pop(field)
+    kernels = Kernels.for_backend(backend or jax.default_backend())
+    return model.build(
+        num_classes=num_classes, dtype=dtype, model_axis=model_axis, kernels=kernels, **values
+    )
+
+
+def check_input(name: str, image_size: int, num_classes: int, classes_from: str = "") -> None:
+    """The input side and class count model `name` takes: its size limits, and a class count
+    fixed by its architecture (LeNet-5's ten RBF prototypes, one per digit). `classes_from`
+    says where the count came from (the start of the error line: the dataset's flag)."""
+    model = spec(name)
+    if not image_size > 0:
+        raise UserError(f"--config.input.image_size={image_size} must be > 0")
+    fixed = model.fixed_image_size
+    if fixed is not None and image_size != fixed:
+        raise UserError(f"--config.input.image_size={image_size}: {name} takes {fixed}")
+    if image_size < model.min_image_size:
+        raise UserError(
+            f"--config.input.image_size={image_size} is too small for {name}: "
+            f"it needs at least {model.min_image_size}"
+        )
+    if model.fixed_num_classes not in (None, num_classes):
+        why = model.fixed_num_classes_why or (
+            f"{name} takes exactly {model.fixed_num_classes} classes, not {num_classes} (its "
+            "output layer has one fixed unit per class)"
+        )
+        raise UserError(f"{classes_from}: {why}" if classes_from else why)
 
 
 def param_specs(model: nn.Module, params):

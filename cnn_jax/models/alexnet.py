@@ -42,8 +42,10 @@ Inputs of any side >= 64 run; fc6's fan-in follows the last map's size (6x6 at 2
 224 has the paper's parameter count. `width_divisor` divides every width, for tests.
 """
 
+import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -52,8 +54,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from cnn_jax.models.layers import Conv, local_response_norm
-from cnn_jax.models.ops import dot_general, max_pool
+from cnn_jax.models import layers, ops
+from cnn_jax.models.layers import ModuleDef, local_response_norm
+from cnn_jax.models.spec import ModelSpec
+from cnn_jax.parallel import MODEL_AXIS  # models name the axis, nothing else of the mesh
 
 TOWERS = 2
 TOWER_MAPS = (48, 128, 192, 192, 128)  # conv1..conv5 maps per tower (Sec. 3.5, Fig. 2)
@@ -87,8 +91,9 @@ def _pooled(side: int) -> int:
     return (side - POOL_WINDOW) // POOL_STRIDE + 1
 
 
-def model_axis_bytes_per_image(image_size: int = 224, width_divisor: int = 1,
-                               itemsize: int = 4) -> dict[str, int]:  # fmt: skip
+def model_axis_bytes_per_image(
+    image_size: int = 224, width_divisor: int = 1, itemsize: int = 4
+) -> dict[str, int]:
     """Bytes one tower's device receives from the other for one image in a training step,
     from the layer shapes: forward, the other tower's half of the activations gathered before
     conv3, fc6, fc7 and fc8; backward, the other device's part of the gradient for this
@@ -104,8 +109,8 @@ def model_axis_bytes_per_image(image_size: int = 224, width_divisor: int = 1,
     }
     forward = sum(halves.values()) * itemsize
     backward = (sum(halves.values()) - halves["fc8"]) * itemsize
-    return {**{f"{k}_input": v * itemsize for k, v in halves.items()},
-            "forward": forward, "backward": backward}  # fmt: skip
+    inputs = {f"{k}_input": v * itemsize for k, v in halves.items()}
+    return {**inputs, "forward": forward, "backward": backward}
 
 
 def _bias_init(name: str):
@@ -118,10 +123,6 @@ def _per_tower(fn, x: jax.Array, towers: int) -> jax.Array:
         return fn(x)
     split = x.reshape(*x.shape[:-1], towers, x.shape[-1] // towers)
     return fn(split).reshape(x.shape)
-
-
-def _pool(x: jax.Array) -> jax.Array:  # 3x3 windows, stride 2, as _pooled counts them
-    return max_pool(x, POOL_WINDOW, POOL_STRIDE)
 
 
 def replicated_all_gather(y: jax.Array, axis_name: str) -> jax.Array:
@@ -171,6 +172,11 @@ class AlexNet(nn.Module):
     towers: int = TOWERS
     tower_axis: str | None = None
     width_divisor: int = 1
+    # The convolution, the dense layers' product and the max-pooling (layers.Kernels, chosen
+    # per backend).
+    conv: ModuleDef = layers.Conv
+    dot_general: Callable = ops.dot_general
+    pool: Callable = layers.max_pool
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -183,39 +189,12 @@ class AlexNet(nn.Module):
         here = 1 if split else self.towers
         if split and lax.axis_size(self.tower_axis) != self.towers:
             raise ValueError(f"axis {self.tower_axis!r} must have {self.towers} devices")
-        maps = [m * TOWERS // self.width_divisor for m in TOWER_MAPS]  # whole layer, all towers
-        fc_units = FC_UNITS // self.width_divisor
+        conv = functools.partial(_tower_conv, self, here=here)
+        dense = functools.partial(_tower_dense, self, here=here)
+        gather = functools.partial(_tower_gather, self, split=split)
 
-        def conv(name, y, kernel, *, padding, stride=1, same_tower=False):
-            # nn.Conv's parameters and a ReLU, added with the bias (fast on CPU too: ops.py)
-            return Conv(
-                maps[int(name[-1]) - 1] * here // self.towers,
-                (kernel, kernel),
-                strides=(stride, stride),
-                padding=padding,
-                # A grouped convolution keeps each tower's maps apart; with one tower
-                # here it is an ordinary convolution over that tower's maps.
-                feature_group_count=here if same_tower else 1,
-                activation=nn.relu,
-                kernel_init=WEIGHT_INIT,
-                bias_init=_bias_init(name),
-                dtype=self.dtype,
-                name=name,
-            )(y)
-
-        def dense(name, y, units):
-            return nn.Dense(
-                units, kernel_init=WEIGHT_INIT, bias_init=_bias_init(name),
-                dtype=self.dtype, dot_general=dot_general, name=name,
-            )(y)  # fmt: skip
-
-        def gather(y, *, replicated=False):
-            """The paper's cross-GPU transfer: both towers' maps, tower 0's first."""
-            if not split:
-                return y
-            if replicated:
-                return replicated_all_gather(y, self.tower_axis)
-            return lax.all_gather(y, self.tower_axis, axis=y.ndim - 1, tiled=True)
+        def pool(y):  # 3x3 windows, stride 2, as _pooled counts them
+            return self.pool(y, POOL_WINDOW, POOL_STRIDE)
 
         def lrn(y):
             return _per_tower(local_response_norm, y, here)  # Sec. 3.3, within a tower
@@ -223,18 +202,18 @@ class AlexNet(nn.Module):
         x = x.astype(self.dtype)
         pad1 = conv1_padding(x.shape[1]), conv1_padding(x.shape[2])
         x = conv("conv1", x, CONV1_KERNEL, stride=CONV1_STRIDE, padding=pad1)
-        x = _pool(lrn(x))
-        x = _pool(lrn(conv("conv2", x, 5, padding=2, same_tower=True)))
+        x = pool(lrn(x))
+        x = pool(lrn(conv("conv2", x, 5, padding=2, same_tower=True)))
         x = conv("conv3", gather(x), 3, padding=1)
         x = conv("conv4", x, 3, padding=1, same_tower=True)
-        x = _pool(conv("conv5", x, 3, padding=1, same_tower=True))
+        x = pool(conv("conv5", x, 3, padding=1, same_tower=True))
         x = gather(x).reshape(x.shape[0], -1)  # (N, 6*6*256) at 224: both towers' maps
-        x = self._dropout(nn.relu(dense("fc6", x, fc_units * here // self.towers)), train, split)
+        x = self._dropout(nn.relu(dense("fc6", x)), train, split)
         x = gather(x)
-        x = self._dropout(nn.relu(dense("fc7", x, fc_units * here // self.towers)), train, split)
+        x = self._dropout(nn.relu(dense("fc7", x)), train, split)
         # Invariant gather: fc8 and the loss are then one replicated computation, whose
         # gradient comes back to each tower once (sliced), not once per device (summed).
-        x = dense("fc8", gather(x, replicated=True), self.num_classes)
+        x = dense("fc8", gather(x, replicated=True), units=self.num_classes)
         return x.astype(jnp.float32)
 
     def _dropout(self, x: jax.Array, train: bool, split: bool) -> jax.Array:
@@ -264,3 +243,86 @@ class AlexNet(nn.Module):
             return P(*([None] * (leaf.ndim - 1)), self.tower_axis)
 
         return jax.tree_util.tree_map_with_path(spec, params)
+
+
+# This model's own config fields (config.model) and their defaults.
+FIELDS = {"dropout_rate": 0.5, "width_divisor": 1}
+
+
+def build(
+    *,
+    num_classes: int,
+    dtype: Any,
+    model_axis: int,
+    kernels: layers.Kernels,
+    towers: int,
+    dropout_rate: float,
+    width_divisor: int,
+) -> AlexNet:
+    """The towers split over the mesh's model axis when it has one device per tower; on a
+    model axis of 1 each device runs every tower (grouped convolutions)."""
+    layers.check_width_divisor(width_divisor, WIDTH_DIVISORS)
+    return AlexNet(
+        num_classes=num_classes,
+        dropout_rate=dropout_rate,
+        dtype=dtype,
+        towers=towers,
+        tower_axis=MODEL_AXIS if towers > 1 and model_axis == towers else None,
+        width_divisor=width_divisor,
+        **kernels.fields(),
+    )
+
+
+SPEC = ModelSpec(
+    functools.partial(build, towers=TOWERS),
+    FIELDS,
+    min_image_size=MIN_IMAGE_SIZE,  # fc6's fan-in follows the last map (6x6 at 224)
+    model_axis_sizes=(1, TOWERS),
+    preprocess="alexnet",
+)
+SINGLE_TOWER_SPEC = dataclasses.replace(
+    SPEC, build=functools.partial(build, towers=1), model_axis_sizes=(1,)
+)
+
+
+def _tower_conv(net, name, y, kernel, *, here, padding, stride=1, same_tower=False):
+    """Layer `name` (conv1..conv5) of AlexNet `net`, for the `here` towers computed on this
+    device. (A function, not a method: Flax would add a method's name to every op's name.)"""
+    maps = TOWER_MAPS[int(name[-1]) - 1] * TOWERS // net.width_divisor  # all towers
+    return net.conv(
+        maps * here // net.towers,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        # A grouped convolution keeps each tower's maps apart; with one tower here it is
+        # an ordinary convolution over that tower's maps.
+        feature_group_count=here if same_tower else 1,
+        activation=nn.relu,
+        kernel_init=WEIGHT_INIT,
+        bias_init=_bias_init(name),
+        dtype=net.dtype,
+        name=name,
+    )(y)
+
+
+def _tower_dense(net, name, y, *, here, units=None):
+    """fc6/fc7 of the `here` towers on this device, or fc8 (`units`: the classes)."""
+    if units is None:
+        units = FC_UNITS // net.width_divisor * here // net.towers
+    return nn.Dense(
+        units,
+        kernel_init=WEIGHT_INIT,
+        bias_init=_bias_init(name),
+        dtype=net.dtype,
+        dot_general=net.dot_general,
+        name=name,
+    )(y)
+
+
+def _tower_gather(net, y, *, split, replicated=False):
+    """The paper's cross-GPU transfer: both towers' maps, tower 0's first."""
+    if not split:
+        return y
+    if replicated:
+        return replicated_all_gather(y, net.tower_axis)
+    return lax.all_gather(y, net.tower_axis, axis=y.ndim - 1, tiled=True)

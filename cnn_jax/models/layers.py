@@ -1,10 +1,17 @@
-"""Layers the classic papers used that modern libraries dropped.
+"""Layers the classic papers used that modern libraries dropped, and the convolution, dense
+layer and max-pooling every model is built from.
 
 - `lecun_tanh`, `TrainableSubsampling`, `SparseConv`, `EuclideanRBF`: LeNet-5 (1998).
 - `local_response_norm`: AlexNet (2012) and VGG's A-LRN (2014).
-- `Conv`: `nn.Conv` with its activation, for mixed precision on CPU.
+- `Kernels`: the convolution module (with its activation), the dense layers' product and the
+  max-pooling every model is built from, chosen once per backend (`Kernels.for_backend`):
+  on CPU `Conv`, `ops.dot_general` and `max_pool`, the forms XLA:CPU runs fastest
+  (cnn_jax.models.ops); elsewhere Flax's own (`FlaxConv`, `lax.dot_general`,
+  `flax_max_pool`). Every model takes them as fields (`conv`, `dot_general`, `pool`), as
+  Flax's ResNet takes `conv`; both sets have the same parameters, names and initialisers.
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnn_jax.errors import UserError
 from cnn_jax.models import ops
 
 
@@ -26,18 +34,24 @@ def lecun_tanh(a: jax.Array) -> jax.Array:
     return 1.7159 * jnp.tanh(a * (2.0 / 3.0))
 
 
+ModuleDef = Any  # a Flax module class, or a functools.partial of one
+
+
 class Conv(nn.Module):
-    """A 2-D NHWC convolution, its bias and `activation`: `nn.Conv` (same parameters, names,
-    shapes and initialisers, so checkpoints are unchanged) followed by the activation, with
-    bias and activation as one element-wise tail (`ops.float32_on_cpu`). nn.Conv adds its bias
-    as a separate bfloat16 step, whose gradient XLA:CPU reduces in its slowest loop (LeNet-5
-    C1's at batch 64: 1.3 ms of a 14 ms bfloat16 step; gone from the profile so)."""
+    """A 2-D NHWC convolution, its bias and `activation`: `nn.Conv`'s parameters (same names,
+    shapes and initialisers, so checkpoints are unchanged) followed by the activation.
+
+    The convolution is `ops.conv_general_dilated`; bias and activation are one element-wise
+    tail (`ops.float32_on_cpu`), because nn.Conv adds its bias as a separate bfloat16 step,
+    whose gradient XLA:CPU reduces in its slowest loop.
+    """
 
     features: int
     kernel_size: tuple[int, int]
     strides: tuple[int, int] = (1, 1)
     padding: Any = "VALID"  # as nn.Conv: a string, an int, or (low, high) per spatial axis
     feature_group_count: int = 1
+    use_bias: bool = True
     activation: Callable[[jax.Array], jax.Array] | None = None
     kernel_init: Callable = nn.initializers.lecun_normal()  # nn.Conv's defaults
     bias_init: Callable = nn.initializers.zeros
@@ -48,18 +62,79 @@ class Conv(nn.Module):
         groups = self.feature_group_count
         shape = (*self.kernel_size, x.shape[-1] // groups, self.features)
         kernel = self.param("kernel", self.kernel_init, shape)
-        bias = self.param("bias", self.bias_init, (self.features,))
         padding = self.padding
         if isinstance(padding, int):
             padding = [(padding, padding)] * 2
         elif not isinstance(padding, str):
             padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
         y = ops.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype), self.strides, padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
-        )  # fmt: skip
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            self.strides,
+            padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups,
+        )
         activation = self.activation or (lambda v: v)
+        if not self.use_bias:
+            return y if self.activation is None else ops.float32_on_cpu(activation, y)
+        bias = self.param("bias", self.bias_init, (self.features,))
         return ops.float32_on_cpu(lambda y, b: activation(y + b), y, bias)
+
+
+class FlaxConv(nn.Conv):
+    """`nn.Conv` followed by `activation`: Conv's interface (and its VALID default padding)
+    on Flax's own convolution."""
+
+    padding: Any = "VALID"
+    activation: Callable[[jax.Array], jax.Array] | None = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        return y if self.activation is None else self.activation(y)
+
+
+def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+    """`window` x `window` max-pooling every `stride` pixels, no padding (ops.max_pool)."""
+    return ops.max_pool(x, window, stride)
+
+
+def flax_max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+    """The same pooling as Flax writes it."""
+    return nn.max_pool(x, (window, window), (stride, stride), "VALID")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """The convolution module, the dense layers' product (nn.Dense's `dot_general` hook) and
+    the max-pooling a model's layers are built from: its `conv`, `dot_general` and `pool`
+    fields (`Kernels.fields`)."""
+
+    conv: ModuleDef = Conv
+    dot_general: Callable = ops.dot_general
+    pool: Callable[[jax.Array, int, int], jax.Array] = max_pool
+
+    @classmethod
+    def for_backend(cls, backend: str) -> "Kernels":
+        """XLA:CPU's tuned forms (ops) on "cpu"; Flax's own elsewhere, where the accelerator
+        libraries have native kernels for every form (the tuned ones compute the same there,
+        through `lax.platform_dependent`, only less directly)."""
+        if backend == "cpu":
+            return cls()
+        return cls(conv=FlaxConv, dot_general=jax.lax.dot_general, pool=flax_max_pool)
+
+    def fields(self) -> dict[str, Any]:
+        return {"conv": self.conv, "dot_general": self.dot_general, "pool": self.pool}
+
+
+def check_width_divisor(width_divisor: int, allowed: tuple[int, ...]) -> None:
+    """A model's `width_divisor` field (every layer's width divided by it, for tests and quick
+    CPU runs) must divide all its widths."""
+    if width_divisor not in allowed:
+        raise UserError(
+            f"--config.model.width_divisor={width_divisor} is not one of: "
+            f"{', '.join(map(str, allowed))}"
+        )
 
 
 def lecun_uniform_fan_in(fan_in: int):
@@ -217,7 +292,7 @@ def local_response_norm(
 def _channel_window_sum(v: jax.Array, size: int) -> jax.Array:
     """sum_{c' in [c - size//2, c + size//2]} v[c'], zero beyond the ends: `size` shifted
     slices of the zero-padded channels, added in one fused loop (a cumulative sum lowers
-    to a multi-pass scan on XLA:CPU, 8x slower here)."""
+    to a multi-pass scan on XLA:CPU)."""
     half, channels = size // 2, v.shape[-1]
     padded = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(half, half)])
     return sum(jax.lax.slice_in_dim(padded, i, i + channels, axis=-1) for i in range(size))

@@ -1,7 +1,7 @@
 """LeNet-5 (LeCun, Bottou, Bengio, Haffner, "Gradient-based learning applied to document
 recognition", Proc. IEEE 1998, Sec. II-B), and a modern variant for comparison.
 
-Layer by layer (the seed deck's arithmetic; N@HxW = N feature maps of HxW):
+Layer by layer (N@HxW = N feature maps of HxW):
 
     input  1@32x32
     C1     6@28x28   5x5 conv            (5*5*1 + 1) * 6            =    156
@@ -18,27 +18,34 @@ negative RBF distance -y_i, so softmax cross-entropy over scores and the paper's
 (cnn_jax.losses) both apply to the same output.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnn_jax.models import ops
+from cnn_jax.models import layers, ops
 from cnn_jax.models.layers import (
     LENET5_C3_TABLE,
-    Conv,
     EuclideanRBF,
+    ModuleDef,
     SparseConv,
     TrainableSubsampling,
     lecun_tanh,
     lecun_uniform_fan_in,
 )
+from cnn_jax.models.spec import ModelSpec
 
 
 class LeNet5(nn.Module):
     """The paper's LeNet-5: exactly 60,000 trainable parameters."""
 
     num_classes: int = 10
-    dtype: jnp.dtype = jnp.float32
+    dtype: Any = jnp.float32
+    # The convolution and the dense layers' product (layers.Kernels, chosen per backend).
+    conv: ModuleDef = layers.Conv
+    dot_general: Callable = ops.dot_general
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -48,10 +55,15 @@ class LeNet5(nn.Module):
         x = x.astype(self.dtype)
 
         def conv(features, fan_in, name):  # nn.Conv's parameters, squashed with its bias
-            return Conv(
-                features, (5, 5), padding="VALID", dtype=self.dtype, activation=lecun_tanh,
-                kernel_init=lecun_uniform_fan_in(fan_in), name=name,
-            )  # fmt: skip
+            init = lecun_uniform_fan_in(fan_in)
+            return self.conv(
+                features,
+                (5, 5),
+                activation=lecun_tanh,
+                kernel_init=init,
+                dtype=self.dtype,
+                name=name,
+            )
 
         x = conv(6, 5 * 5 * 1, "C1")(x)
         x = TrainableSubsampling(name="S2")(x)
@@ -59,8 +71,10 @@ class LeNet5(nn.Module):
         x = TrainableSubsampling(name="S4")(x)
         x = conv(120, 5 * 5 * 16, "C5")(x)
         x = x.reshape(x.shape[0], -1)
-        x = nn.Dense(84, dtype=self.dtype, kernel_init=lecun_uniform_fan_in(120), name="F6",
-                     dot_general=ops.dot_general)(x)  # fmt: skip
+        init = lecun_uniform_fan_in(120)
+        x = nn.Dense(
+            84, dtype=self.dtype, kernel_init=init, dot_general=self.dot_general, name="F6"
+        )(x)
         x = ops.float32_on_cpu(lecun_tanh, x)
         distances = EuclideanRBF(name="output")(x.astype(jnp.float32))
         return -distances
@@ -71,22 +85,54 @@ class LeNet5Modern(nn.Module):
     connectivity, and a dense softmax head instead of the RBF units."""
 
     num_classes: int = 10
-    dtype: jnp.dtype = jnp.float32
+    dtype: Any = jnp.float32
+    conv: ModuleDef = layers.Conv
+    dot_general: Callable = ops.dot_general
+    pool: Callable = layers.max_pool
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         del train
         x = x.astype(self.dtype)
-        pool = lambda y: ops.max_pool(y, 2, 2)
-        conv = lambda features, name: Conv(
-            features, (5, 5), padding="VALID", dtype=self.dtype, activation=nn.relu, name=name
-        )
-        dense = lambda features, name: nn.Dense(
-            features, dtype=self.dtype, dot_general=ops.dot_general, name=name
-        )
-        x = pool(conv(6, "C1")(x))
-        x = pool(conv(16, "C3")(x))
+
+        def conv(features, name):
+            return self.conv(features, (5, 5), activation=nn.relu, dtype=self.dtype, name=name)
+
+        def dense(features, name):
+            return nn.Dense(features, dtype=self.dtype, dot_general=self.dot_general, name=name)
+
+        x = self.pool(conv(6, "C1")(x), 2, 2)
+        x = self.pool(conv(16, "C3")(x), 2, 2)
         x = conv(120, "C5")(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(dense(84, "F6")(x))
         return dense(self.num_classes, "output")(x).astype(jnp.float32)
+
+
+def build(*, num_classes: int, dtype: Any, model_axis: int, kernels: layers.Kernels) -> LeNet5:
+    del model_axis  # no towers
+    conv, dot_general = kernels.conv, kernels.dot_general
+    return LeNet5(num_classes=num_classes, dtype=dtype, conv=conv, dot_general=dot_general)
+
+
+def build_modern(
+    *, num_classes: int, dtype: Any, model_axis: int, kernels: layers.Kernels
+) -> LeNet5Modern:
+    del model_axis
+    return LeNet5Modern(num_classes=num_classes, dtype=dtype, **kernels.fields())
+
+
+# The input is 32x32 (a Dense layer after the convolutions); the faithful net's RBF output has
+# one fixed prototype per digit, so it takes ten classes.
+SPEC = ModelSpec(
+    build,
+    min_image_size=32,
+    fixed_image_size=32,
+    fixed_num_classes=10,
+    fixed_num_classes_why=(
+        "LeNet-5's RBF output has one fixed prototype per digit, so it takes exactly 10 "
+        "classes; --config=configs/lenet.py:modern (a softmax head) takes any number"
+    ),
+    preprocess="lenet",
+)
+MODERN_SPEC = ModelSpec(build_modern, min_image_size=32, fixed_image_size=32, preprocess="lenet")

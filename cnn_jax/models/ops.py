@@ -1,9 +1,8 @@
-"""Convolution and max-pooling written the way XLA compiles them fastest.
+"""Convolution, dense products and max-pooling in the forms XLA:CPU runs fastest.
 
-Same results as `lax.conv_general_dilated` and `flax.linen.max_pool` (same parameters, same
-gradients); the models use these so that the step is fast on a CPU as well as on accelerators.
-Each rewrite was measured on a 2-core x86 CPU (XLA:CPU in jax 0.10, single-thread CPU time
-per call, batch 128 LeNet-5 / batch 8-32 AlexNet); the numbers are in README, Performance.
+Same results as `lax.conv_general_dilated`, `lax.dot_general` and `flax.linen.max_pool` (same
+parameters, same gradients); cnn_jax.models.layers builds the CPU kernel set from them
+(`layers.Kernels.for_backend`). Measurements: docs/performance.md.
 
 Why XLA:CPU needs help: it sends a convolution to its fast YNNPACK kernels only when a
 feature dimension has more than 16 maps and the output is no larger than the input; the rest
@@ -11,13 +10,12 @@ run in Eigen's generic convolution, which is slow for few maps and for the "full
 an input gradient. It differentiates a grouped convolution into a base-dilated one that runs
 in its slowest loop, and it expands max-pooling's gradient (select-and-scatter) into a
 reduce-window over (value, index) tuples. GPUs and TPUs have native kernels for all of these,
-so there the rewrites that only serve XLA:CPU are skipped (`lax.platform_dependent`).
+so there the forms that only serve XLA:CPU are skipped (`lax.platform_dependent`).
 
 Mixed precision on CPU (`float32_on_cpu`, `dot_general`): AVX2 has no bfloat16 arithmetic, so
 XLA:CPU evaluates every bfloat16 operation in float32 and rounds its result back, one scalar
-float32->bfloat16 conversion per element per operation (3.5x the cost of an f32 copy), and
-it splits a reduction of a converted bfloat16 input into a slow reduce-window loop (LeNet-5
-C1's bias gradient at batch 64: 0.46 ms, 0.19 ms from float32). Each layer's element-wise
+float32->bfloat16 conversion per element per operation, and it splits a reduction of a
+converted bfloat16 input into a slow reduce-window loop. Each layer's element-wise
 tail therefore computes in float32 from its bfloat16 inputs and rounds once: what goes
 between layers is still bfloat16.
 """
@@ -31,36 +29,45 @@ from jax import lax
 # YNNPACK (XLA:CPU's fast convolution library) takes a convolution only when its input or
 # output has more than this many feature maps (xla/backends/cpu/ynn_support.cc).
 _YNN_MIN_FEATURES = 16
+_NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         precision=None, preferred_element_type=None) -> jax.Array:  # fmt: skip
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+) -> jax.Array:
     """`lax.conv_general_dilated` (flax's `nn.Conv(conv_general_dilated=...)` hook).
 
     - A grouped convolution (AlexNet's towers on one device) is one convolution per group on
       that group's slice of maps and kernel, concatenated: same kernel layout (H, W, C/groups,
-      O), and gradients that are ordinary convolutions. XLA's own gradient of the grouped
-      kernel was over half of an AlexNet CPU step.
+      O), and gradients that are ordinary convolutions (XLA:CPU differentiates a grouped
+      kernel into a base-dilated convolution, its slowest loop).
     - On CPU, each product of an NHWC convolution (forward, input and kernel gradient) is
       computed the way XLA:CPU runs it fastest (`_conv_cpu`).
     """
-    conv = functools.partial(
-        lax.conv_general_dilated, window_strides=window_strides, padding=padding,
-        lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers, precision=precision,
+    options = dict(
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        precision=precision,
         preferred_element_type=preferred_element_type,
-    )  # fmt: skip
+    )
+    conv = functools.partial(lax.conv_general_dilated, **options)
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     if feature_group_count > 1:
         lhs_groups = jnp.split(lhs, feature_group_count, axis=dn.lhs_spec[1])
         rhs_groups = jnp.split(rhs, feature_group_count, axis=dn.rhs_spec[0])
-        one_group = functools.partial(
-            conv_general_dilated, window_strides=window_strides, padding=padding,
-            lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-            dimension_numbers=dimension_numbers, precision=precision,
-            preferred_element_type=preferred_element_type,
-        )  # fmt: skip
+        one_group = functools.partial(conv_general_dilated, **options)
         outs = [one_group(x, k) for x, k in zip(lhs_groups, rhs_groups, strict=True)]
         return jnp.concatenate(outs, axis=dn.out_spec[1])
 
@@ -73,19 +80,23 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
     else:
         pads = [tuple(p) for p in padding]
-
-    def on_cpu(x, kernel):
-        # XLA:CPU's fast convolution kernels take float32 only; a bfloat16 convolution falls
-        # back to Eigen's, 1.4-1.7x slower. Mixed precision keeps its bfloat16 activations
-        # between layers; each convolution computes in float32 (as bfloat16 hardware
-        # accumulates) and rounds its output back.
-        if x.dtype == jnp.bfloat16:
-            f32 = jnp.float32
-            y = _conv_cpu(x.astype(f32), kernel.astype(f32), strides, tuple(pads), precision)
-            return y.astype(x.dtype)
-        return _conv_cpu(x, kernel, strides, tuple(pads), precision)
-
+    on_cpu = functools.partial(
+        _conv_cpu_float32, strides=strides, pads=tuple(pads), precision=precision
+    )
     return lax.platform_dependent(lhs, rhs, cpu=on_cpu, default=conv)
+
+
+def _conv_cpu_float32(x, kernel, *, strides, pads, precision):
+    """_conv_cpu in float32. XLA:CPU's fast convolution kernels take float32 only; a bfloat16
+    convolution falls back to Eigen's, which are slower. Mixed precision keeps its bfloat16
+    activations between layers; each convolution computes in float32 (as bfloat16 hardware
+    accumulates) and rounds its output back."""
+    if x.dtype == jnp.bfloat16:
+        f32 = jnp.float32
+        return _conv_cpu(x.astype(f32), kernel.astype(f32), strides, pads, precision).astype(
+            x.dtype
+        )
+    return _conv_cpu(x, kernel, strides, pads, precision)
 
 
 def float32_on_cpu(fn, x: jax.Array, *args: jax.Array) -> jax.Array:
@@ -96,8 +107,7 @@ def float32_on_cpu(fn, x: jax.Array, *args: jax.Array) -> jax.Array:
     otherwise round after every operation, forward and backward. The arguments are rounded
     to x's dtype first (the bfloat16 copies of float32 parameters the layer computes with),
     so only the intermediate roundings inside fn are skipped, as a bfloat16 GPU's fused
-    epilogue skips them. LeNet-5 C1's bias and lecun_tanh, forward and backward, batch 64:
-    3.18 ms in bfloat16, 1.20 ms so, 1.05 ms in float32. GPUs and TPUs run fn as it is.
+    epilogue skips them. GPUs and TPUs run fn as it is.
     """
     args = tuple(a.astype(x.dtype) for a in args)
     if x.dtype != jnp.bfloat16:
@@ -109,21 +119,26 @@ def float32_on_cpu(fn, x: jax.Array, *args: jax.Array) -> jax.Array:
     return lax.platform_dependent(x, *args, cpu=on_cpu, default=fn)
 
 
-def dot_general(lhs, rhs, dimension_numbers, precision=None,
-                preferred_element_type=None) -> jax.Array:  # fmt: skip
+def dot_general(
+    lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None
+) -> jax.Array:
     """`lax.dot_general` (flax's `nn.Dense(dot_general=...)` hook). With bfloat16 operands on
-    CPU it computes in float32 from their bfloat16 values and rounds the product: XLA:CPU's
-    own bfloat16 dot is slower (AlexNet fc6 at batch 16, forward and backward: 364 ms in
-    bfloat16, 264 ms so, 157 ms in float32, the rest the rounded 150 MB kernel copy)."""
-    plain = functools.partial(lax.dot_general, dimension_numbers=dimension_numbers,
-                              precision=precision,
-                              preferred_element_type=preferred_element_type)  # fmt: skip
+    CPU it computes in float32 from their bfloat16 values and rounds the product once:
+    XLA:CPU's own bfloat16 dot is slower."""
+    plain = functools.partial(
+        lax.dot_general,
+        dimension_numbers=dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
     if lhs.dtype != jnp.bfloat16 or rhs.dtype != jnp.bfloat16:
         return plain(lhs, rhs)
 
     def on_cpu(lhs, rhs):
-        y = lax.dot_general(lhs.astype(jnp.float32), rhs.astype(jnp.float32), dimension_numbers,
-                            precision=precision)  # fmt: skip
+        f32 = jnp.float32
+        y = lax.dot_general(
+            lhs.astype(f32), rhs.astype(f32), dimension_numbers, precision=precision
+        )
         return y.astype(preferred_element_type or lhs.dtype)
 
     return lax.platform_dependent(lhs, rhs, cpu=on_cpu, default=plain)
@@ -144,8 +159,9 @@ def _pad(x, pads):
 
 
 def _xla_conv(x, kernel, strides, pads, precision):
-    return lax.conv_general_dilated(x, kernel, strides, pads, precision=precision,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+    return lax.conv_general_dilated(
+        x, kernel, strides, pads, precision=precision, dimension_numbers=_NHWC
+    )
 
 
 def _dot_form_padded(x, kernel, pads, precision):
@@ -155,14 +171,11 @@ def _dot_form_padded(x, kernel, pads, precision):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_cpu(x, kernel, strides, pads, precision):
     """An NHWC/HWIO convolution, each of its three products computed the way XLA:CPU runs
-    it fastest:
-
-    - forward and input gradient: XLA's own convolutions, except at stride 1 with few maps or
-      a kernel covering the input (LeNet-5), where YNNPACK refuses them and Eigen's are
-      slow: `_dot_form` and its gradient, dot products and shifted adds (2-25x faster);
-    - kernel gradient: `_kernel_grad_rows`, kh matrix products over the whole batch, instead
-      of XLA's convolution with the batch as its feature dimension, which YNNPACK runs at a
-      tenth of its matmul speed (2-3x faster on AlexNet's layers); with few maps XLA's own.
+    it fastest: XLA's own convolutions (padding inside them, where YNNPACK takes it), except
+    at stride 1 with few maps or a kernel covering the input (LeNet-5), where YNNPACK refuses
+    the forward and input-gradient convolutions and Eigen's are slow: there `_dot_form` and
+    its gradient, dot products and shifted adds, and a matmul's kernel gradient when the
+    kernel covers the input.
     """
     if _use_dot_form(x, kernel, strides, pads):
         return _dot_form_padded(x, kernel, pads, precision)
@@ -182,47 +195,22 @@ def _conv_cpu_bwd(strides, pads, precision, residuals, g):
     padded = _pad(x, pads)
     if padded.shape[1:3] == kernel.shape[:2]:  # one output position: a matmul's gradient
         dkernel = jax.vjp(lambda k: _dot_form(padded, k, precision), kernel)[1](g)[0]
-    elif _few_maps(kernel):
-        no_pads = ((0, 0), (0, 0))
-        as_conv = lambda k: _xla_conv(padded, k, strides, no_pads, precision)
+    else:  # XLA's own, the padding inside the convolution (not on a padded copy of x)
+        as_conv = lambda k: _xla_conv(x, k, strides, pads, precision)
         dkernel = jax.vjp(as_conv, kernel)[1](g)[0]
-    else:
-        dkernel = _kernel_grad_rows(padded, g, kernel.shape, strides, precision)
     return dx, dkernel
 
 
 _conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
 
 
-def _kernel_grad_rows(x, g, kernel_shape, strides, precision):
-    """dL/dkernel of a VALID convolution as kh matrix products over the whole batch.
-
-    dk[i, j, c, o] = sum_{n, y, x} x[n, s*y + i, s*x + j, c] g[n, y, x, o]. The kw column
-    shifts of x, side by side, make one (N, H, OW, kw*C) array; kernel row i then reads its
-    rows i, i+s, ... and is one (O, N*OH*OW) x (N*OH*OW, kw*C) product.
-    """
-    kh, kw, c, o = kernel_shape
-    sh, sw = strides
-    n, oh, ow, _ = g.shape
-    span_w = (ow - 1) * sw + 1
-    columns = jnp.concatenate([x[:, :, j : j + span_w : sw, :] for j in range(kw)], axis=-1)
-    g_t = g.reshape(n * oh * ow, o).T
-    rows = []
-    for i in range(kh):
-        shifted = columns[:, i : i + (oh - 1) * sh + 1 : sh].reshape(n * oh * ow, kw * c)
-        rows.append(jnp.matmul(g_t, shifted, precision=precision).T.reshape(kw, c, o))
-    return jnp.stack(rows).astype(x.dtype)
-
-
 def _dot_form(x, kernel, precision):
     """A VALID stride-1 convolution as dot products and shifted multiply-adds:
 
-    - kernel covering the whole input: one matmul over the flattened window (LeNet-5's C5;
-      Eigen's input gradient of it was 25x slower);
-    - one input map (C1): YNNPACK's convolution on output maps zero-padded past its minimum
-      (3.5x faster than Eigen's);
+    - kernel covering the whole input: one matmul over the flattened window (LeNet-5's C5);
+    - one input map (C1): YNNPACK's convolution on output maps zero-padded past its minimum;
     - otherwise (C3): the kw column shifts side by side as one (kw*C)-map input, then kh
-      row-shifted matmuls, whose input gradient is matmuls and shifted adds too (2x faster).
+      row-shifted matmuls, whose input gradient is matmuls and shifted adds too.
     """
     kh, kw, c, o = kernel.shape
     n, h, w, _ = x.shape
@@ -233,14 +221,12 @@ def _dot_form(x, kernel, precision):
         return y.reshape(n, 1, 1, o)
     if c == 1:
         # Zero output maps past YNNPACK's minimum (24: a multiple of its 8-wide vectors),
-        # then dropped: a 4x larger convolution in its fast kernels is still 3.5x faster
-        # than Eigen's. (A sum of shifted outer products is faster alone, but XLA fuses it
-        # into every consumer and recomputes it there.)
+        # then dropped: a 4x larger convolution in its fast kernels is still faster than
+        # Eigen's. (A sum of shifted outer products is faster alone, but XLA fuses it into
+        # every consumer and recomputes it there.)
         spare = 24 - o
         wide = jnp.pad(kernel, [(0, 0), (0, 0), (0, 0), (0, max(0, spare))])
-        valid = lax.conv_general_dilated(x, wide, (1, 1), "VALID", precision=precision,
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
-        return valid[..., :o]
+        return _xla_conv(x, wide, (1, 1), ((0, 0), (0, 0)), precision)[..., :o]
     columns = jnp.concatenate([x[:, :, j : j + ow, :] for j in range(kw)], axis=-1)
     rows = kernel.reshape(kh, kw * c, o)
     return sum(dot(columns[:, i : i + oh], rows[i]) for i in range(kh))
@@ -256,16 +242,15 @@ def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     def on_cpu(x):
         # The maximum of bfloat16 values is one of them, so float32 gives the same result;
         # in bfloat16 XLA:CPU re-rounds a float32 copy of x in each of the gradient's
-        # window*window comparisons and each add (AlexNet's pool-1/2 gradients at batch 16,
-        # one CPU core: 330 ms a step, 55 ms so).
+        # window*window comparisons and each add.
         return _max_pool(x.astype(jnp.float32), window, stride).astype(x.dtype)
 
     return lax.platform_dependent(x, cpu=on_cpu, default=lambda x: _max_pool(x, window, stride))
 
 
 def _reduce_window_max(x, window, stride):
-    return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),
-                             "VALID")  # fmt: skip
+    dims, strides = (1, window, window, 1), (1, stride, stride, 1)
+    return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, "VALID")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -287,8 +272,7 @@ def _max_pool_bwd(window, stride, residuals, g):
     def shifted_masks(x, g):
         """Each window offset in row-major order is a strided view of x the size of y; the
         gradient goes to the first offset holding the window's maximum, scattered back by
-        interior padding. XLA fuses the whole loop (4x faster than its CPU select-and-scatter
-        on AlexNet's pools)."""
+        interior padding. XLA fuses the whole loop, unlike its CPU select-and-scatter."""
         n, h, w, c = x.shape
         oh, ow = y.shape[1:3]
         zero = jnp.zeros((), g.dtype)
@@ -299,8 +283,8 @@ def _max_pool_bwd(window, stride, residuals, g):
                 view = lax.slice(x, (0, i, j, 0), end, (1, stride, stride, 1))
                 hit = (view == y) & ~taken
                 taken = taken | hit
-                spread = [(0, 0, 0), (i, h - end[1], stride - 1), (j, w - end[2], stride - 1),
-                          (0, 0, 0)]  # fmt: skip
+                rows, cols = (i, h - end[1], stride - 1), (j, w - end[2], stride - 1)
+                spread = [(0, 0, 0), rows, cols, (0, 0, 0)]
                 dx = dx + lax.pad(jnp.where(hit, g, zero), zero, spread)
         return dx
 

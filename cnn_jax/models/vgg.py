@@ -24,6 +24,7 @@ Two ways to apply the classifier to the same parameters (Sec. 3.2):
 """
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -32,7 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnn_jax.errors import UserError
-from cnn_jax.models.layers import local_response_norm
+from cnn_jax.models import layers, ops
+from cnn_jax.models.layers import ModuleDef, local_response_norm
+from cnn_jax.models.spec import ModelSpec
 
 # Table 1, column by column: five blocks of (output maps, kernel side) per configuration.
 _A = ((64, 3),), ((128, 3),), ((256, 3),) * 2, ((512, 3),) * 2, ((512, 3),) * 2
@@ -63,7 +66,7 @@ ALIASES = {"vgg11": "A", "vgg11_lrn": "A-LRN", "vgg13": "B", "vgg16": "D", "vgg1
 FC_WIDTH = 4096  # FC6 and FC7 (Sec. 2.1)
 FC6_WINDOW = 7  # FC6 reads a 7x7 map: 224 / 2**5 (five max-pools)
 NUM_POOLS = 5
-WIDTH_DIVISORS = (1, 2, 4, 8, 16)  # config.width_divisor: 1 is the paper; 16 leaves 4..32 maps
+WIDTH_DIVISORS = (1, 2, 4, 8, 16)  # 1 is the paper; 16 leaves 4..32 maps
 MIN_IMAGE_SIZE = 2**NUM_POOLS  # 32: the smallest input that leaves a 1x1 map after block 5
 DENSE_MIN_IMAGE_SIZE = FC6_WINDOW * 2**NUM_POOLS  # 224: FC6's 7x7 window must fit
 
@@ -114,6 +117,7 @@ class WindowDense(nn.Module):
     window: int = FC6_WINDOW
     dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.glorot_uniform()
+    dot_general: Callable = jax.lax.dot_general  # as nn.Dense's
 
     @nn.compact
     def __call__(self, x: jax.Array, *, dense: bool = False) -> jax.Array:
@@ -129,16 +133,16 @@ class WindowDense(nn.Module):
                     f"dense evaluation needs a map of at least {k}x{k} before FC6, got {h}x{w} "
                     f"(input at least {DENSE_MIN_IMAGE_SIZE}x{DENSE_MIN_IMAGE_SIZE})"
                 )
+            window_kernel = kernel.reshape(k, k, c, self.features)
             y = jax.lax.conv_general_dilated(
-                x, kernel.reshape(k, k, c, self.features), (1, 1), "VALID",
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )  # fmt: skip
+                x, window_kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
             return y + bias
         if (h, w) != (k, k):
             mh = jnp.asarray(adaptive_avg_pool_matrix(h, k), self.dtype)
             mw = jnp.asarray(adaptive_avg_pool_matrix(w, k), self.dtype)
             x = jnp.einsum("ph,nhwc,qw->npqc", mh, x, mw)
-        return x.reshape(n, -1) @ kernel + bias
+        return self.dot_general(x.reshape(n, -1), kernel, (((1,), (0,)), ((), ()))) + bias
 
 
 class VGGFeatures(nn.Module):
@@ -148,6 +152,8 @@ class VGGFeatures(nn.Module):
     batch_norm: bool = False
     dtype: Any = jnp.float32
     width_divisor: int = 1
+    conv: ModuleDef = layers.Conv
+    pool: Callable = layers.max_pool
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -156,22 +162,25 @@ class VGGFeatures(nn.Module):
             for i, (features, kernel) in enumerate(block, 1):
                 name = f"conv{b}_{i}"
                 # Sec. 2.1: stride 1, padding 1 for 3x3 (0 for 1x1) keeps the resolution.
-                x = nn.Conv(
-                    features // self.width_divisor, (kernel, kernel), padding="SAME",
-                    use_bias=not self.batch_norm,  # batch norm's shift replaces the bias
-                    dtype=self.dtype, kernel_init=nn.initializers.glorot_uniform(), name=name,
-                )(x)  # fmt: skip
+                # Batch norm's shift replaces the bias, and the ReLU follows it.
+                x = self.conv(
+                    features // self.width_divisor,
+                    (kernel, kernel),
+                    padding="SAME",
+                    use_bias=not self.batch_norm,
+                    activation=None if self.batch_norm else nn.relu,
+                    kernel_init=nn.initializers.glorot_uniform(),
+                    dtype=self.dtype,
+                    name=name,
+                )(x)
                 if self.batch_norm:
-                    x = nn.BatchNorm(
-                        use_running_average=not train, momentum=0.9, dtype=self.dtype,
-                        name=f"{name}_bn",
-                    )(x)  # fmt: skip
-                x = nn.relu(x)
+                    norm = nn.BatchNorm(momentum=0.9, dtype=self.dtype, name=f"{name}_bn")
+                    x = nn.relu(norm(x, use_running_average=not train))
                 if spec.lrn_after_first_conv and (b, i) == (1, 1):
                     # Sec. 4.1: A-LRN uses the LRN of Krizhevsky et al. (k=2, n=5, alpha=1e-4,
                     # beta=0.75), and finds it does not help.
                     x = local_response_norm(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = self.pool(x, 2, 2)
         return x
 
 
@@ -186,23 +195,32 @@ class VGGClassifier(nn.Module):
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
     width_divisor: int = 1
+    dot_general: Callable = ops.dot_general
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, dense: bool) -> jax.Array:
         width = FC_WIDTH // self.width_divisor
         glorot = nn.initializers.glorot_uniform()
-        x = nn.relu(WindowDense(width, dtype=self.dtype, name="fc6")(x, dense=dense))
+        dot = self.dot_general
+
+        def fc(features, name):
+            return nn.Dense(
+                features, dtype=self.dtype, kernel_init=glorot, dot_general=dot, name=name
+            )
+
+        fc6 = WindowDense(width, dtype=self.dtype, dot_general=dot, name="fc6")
+        x = nn.relu(fc6(x, dense=dense))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nn.relu(nn.Dense(width, dtype=self.dtype, kernel_init=glorot, name="fc7")(x))
+        x = nn.relu(fc(width, "fc7")(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=glorot, name="fc8")(x)
+        return fc(self.num_classes, "fc8")(x)
 
 
 class VGG(nn.Module):
     """One column of Table 1. Returns float32 class scores (N, num_classes).
 
-    `width_divisor` (config.width_divisor) divides every layer's width (convolutions and
-    FC6/FC7), for tests and quick CPU runs; 1 is the paper's network.
+    `width_divisor` divides every layer's width (convolutions and FC6/FC7), for tests and
+    quick CPU runs; 1 is the paper's network.
     """
 
     variant: str = "D"
@@ -211,13 +229,27 @@ class VGG(nn.Module):
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
     width_divisor: int = 1
+    # The convolution, the dense layers' product and the max-pooling (layers.Kernels, chosen
+    # per backend).
+    conv: ModuleDef = layers.Conv
+    dot_general: Callable = ops.dot_general
+    pool: Callable = layers.max_pool
 
     def setup(self):
         self.features = VGGFeatures(
-            resolve_variant(self.variant), self.batch_norm, self.dtype, self.width_divisor
+            resolve_variant(self.variant),
+            self.batch_norm,
+            self.dtype,
+            self.width_divisor,
+            conv=self.conv,
+            pool=self.pool,
         )
         self.classifier = VGGClassifier(
-            self.num_classes, self.dropout_rate, self.dtype, self.width_divisor
+            self.num_classes,
+            self.dropout_rate,
+            self.dtype,
+            self.width_divisor,
+            dot_general=self.dot_general,
         )
 
     def __call__(self, x: jax.Array, *, train: bool, dense: bool = False) -> jax.Array:
@@ -232,3 +264,54 @@ class VGG(nn.Module):
         at 224x224, 2 at 256x256 (an input of side s gives floor(s / 32) - 6)."""
         x = self.features(x.astype(self.dtype), train=train)
         return self.classifier(x, train=train, dense=True).astype(jnp.float32)
+
+
+# This model's own config fields (config.model) and their defaults. warm_start_from is read by
+# cnn_jax.warm_start, not by the module: a VGG run that starts from a trained configuration A
+# (Sec. 3.1: the first four convolutions and the three fully-connected layers).
+FIELDS = {
+    "variant": "D",
+    "batch_norm": False,
+    "dropout_rate": 0.5,
+    "width_divisor": 1,
+    "warm_start_from": "",
+}
+
+
+def build(
+    *,
+    num_classes: int,
+    dtype: Any,
+    model_axis: int,
+    kernels: layers.Kernels,
+    variant: str,
+    batch_norm: bool,
+    dropout_rate: float,
+    width_divisor: int,
+) -> VGG:
+    """A bad letter or width divisor fails here, before anything compiles."""
+    del model_axis  # no towers
+    layers.check_width_divisor(width_divisor, WIDTH_DIVISORS)
+    try:
+        letter = resolve_variant(variant)
+    except UserError as error:
+        raise UserError(f"--config.model.variant={variant}: {error}") from None
+    return VGG(
+        variant=letter,
+        num_classes=num_classes,
+        batch_norm=batch_norm,
+        dropout_rate=dropout_rate,
+        dtype=dtype,
+        width_divisor=width_divisor,
+        **kernels.fields(),
+    )
+
+
+SPEC = ModelSpec(
+    build,
+    FIELDS,
+    min_image_size=MIN_IMAGE_SIZE,  # five 2x2 max-pools; FC6 adapts any last map to 7x7
+    dense=True,
+    preprocess="vgg",
+    not_module_fields=("warm_start_from",),
+)

@@ -1,12 +1,21 @@
-"""The PyTorch reference for `python -m cnn_jax.benchmark --torch`: the same layers as the
-cnn_jax models, trained the way a PyTorch user would (eager mode, NCHW, torch.optim.SGD), on
-the same synthetic batch shape, so the two throughputs compare the frameworks and nothing else.
+"""cnn_jax against PyTorch: `python -m cnn_jax.benchmark` with the PyTorch reference beside it.
 
-torch is an optional extra (`pip install -e '.[torch]'`) and is imported only when this
-module's functions run: the rest of cnn_jax, and its tests, never need it.
+    python benchmarks/torch_reference.py --config=configs/lenet.py --config.input.batch_size=128
+    python benchmarks/torch_reference.py --config=configs/alexnet.py --input_steps=0 --rounds=3
+
+The reference has the same layers as the cnn_jax models, trained the way a PyTorch user would
+(eager mode, NCHW, torch.optim.SGD), on the same synthetic batch shape, so the two throughputs
+compare the frameworks and nothing else. The JSON line adds torch_images_per_sec,
+torch_step_ms and ratio (cnn_jax's images/s over PyTorch's) to the benchmark's fields; the
+flags are the benchmark's.
+
+torch is an optional extra (`pip install -e '.[torch]'`) and is imported only when a
+TorchTrainer is made: the rest of cnn_jax, and its tests, never need it.
 """
 
+import functools
 import time
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -19,7 +28,7 @@ def _torch():
         import torch
     except ImportError:
         raise UserError(
-            "--torch needs PyTorch: pip install -e '.[torch]' (a CPU build is enough)"
+            "the PyTorch reference needs PyTorch: pip install -e '.[torch]' (a CPU build is enough)"
         ) from None
     return torch
 
@@ -28,9 +37,11 @@ def _lecun_tanh(torch, x):
     return 1.7159 * torch.tanh(x * (2.0 / 3.0))
 
 
-def _lenet5(torch, config, channels):
+def _lenet5(torch, *, channels, num_classes, image_size):
     """LeNet-5 as cnn_jax.models.lenet.LeNet5 builds it: trainable subsampling, Table I C3
-    (its 60 kernels scattered into a dense kernel each step), Euclidean RBF output."""
+    (its 60 kernels scattered into a dense kernel each step), Euclidean RBF output (ten
+    classes: the RBF prototypes are the ten digits' bitmaps)."""
+    del num_classes, image_size
     nn = torch.nn
     f = torch.nn.functional
     mask = layers.connection_matrix(layers.LENET5_C3_TABLE, 6)
@@ -61,8 +72,8 @@ def _lenet5(torch, config, channels):
 
         def forward(self, x):
             x = self.s2(_lecun_tanh(torch, self.c1(x)))
-            dense = self.c3_kernel.new_zeros(16, 6, 5, 5).index_put((out_idx, in_idx),
-                                                                    self.c3_kernel)  # fmt: skip
+            dense = self.c3_kernel.new_zeros(16, 6, 5, 5)
+            dense = dense.index_put((out_idx, in_idx), self.c3_kernel)
             x = self.s4(_lecun_tanh(torch, f.conv2d(x, dense, self.c3_bias)))
             x = _lecun_tanh(torch, self.c5(x)).flatten(1)
             x = _lecun_tanh(torch, self.f6(x))
@@ -73,17 +84,20 @@ def _lenet5(torch, config, channels):
     return LeNet5()
 
 
-def _lenet5_modern(torch, config, channels):
+def _lenet5_modern(torch, *, channels, num_classes, image_size):
+    del image_size
     nn = torch.nn
     return nn.Sequential(
         nn.Conv2d(channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 120, 5), nn.ReLU(), nn.Flatten(),
-        nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, config.num_classes),
+        nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes),
     )  # fmt: skip
 
 
-def _alexnet(torch, config, channels, towers=2):
+def _alexnet(
+    torch, *, channels, num_classes, image_size, towers=2, dropout_rate=0.5, width_divisor=1
+):
     """AlexNet as cnn_jax.models.alexnet builds it on one device: conv2, conv4 and conv5 as
     grouped convolutions (each tower reads its own maps), the paper's LRN within each tower
     (PyTorch divides alpha by the window, so alpha * size is passed), overlapping 3/2 pools,
@@ -93,9 +107,9 @@ def _alexnet(torch, config, channels, towers=2):
 
     nn = torch.nn
     f = torch.nn.functional
-    maps = [m * alexnet.TOWERS // config.width_divisor for m in alexnet.TOWER_MAPS]
-    fc_units = alexnet.FC_UNITS // config.width_divisor
-    side = config.image_size
+    maps = [m * alexnet.TOWERS // width_divisor for m in alexnet.TOWER_MAPS]
+    fc_units = alexnet.FC_UNITS // width_divisor
+    side = image_size
     (_, pad_end) = alexnet.conv1_padding(side)
     groups = towers
 
@@ -122,66 +136,95 @@ def _alexnet(torch, config, channels, towers=2):
     )  # fmt: skip
     with torch.no_grad():
         flat = features(torch.zeros(1, channels, side, side)).numel()
-    p = config.dropout_rate
+    p = dropout_rate
     return nn.Sequential(
         features, nn.Flatten(),
         nn.Linear(flat, fc_units), nn.ReLU(), nn.Dropout(p),
         nn.Linear(fc_units, fc_units), nn.ReLU(), nn.Dropout(p),
-        nn.Linear(fc_units, config.num_classes),
+        nn.Linear(fc_units, num_classes),
     )  # fmt: skip
 
 
-# config.model -> builder of the PyTorch module with the same layers.
+# Model name (cnn_jax.models.MODELS) -> builder of the PyTorch module with the same layers:
+# builder(torch, *, channels, num_classes, image_size, **the model's own fields).
 TORCH_MODELS = {
     "lenet5": _lenet5,
     "lenet5_modern": _lenet5_modern,
     "alexnet": _alexnet,
-    "alexnet_single_tower": lambda torch, config, channels: _alexnet(
-        torch, config, channels, towers=1
-    ),
+    "alexnet_single_tower": functools.partial(_alexnet, towers=1),
 }
 
 
-def _loss_fn(torch, config):
-    f = torch.nn.functional
-    if config.loss == "lenet_map":
-        j = config.lenet_map_j
+def _loss_fn(torch, loss: str, lenet_map_j: float):
+    if loss == "lenet_map":
 
         def lenet_map(scores, labels):  # cnn_jax.losses.lenet_map
             y_correct = -scores.gather(1, labels[:, None])[:, 0]
-            rubbish = scores.new_full((scores.shape[0], 1), -j)
+            rubbish = scores.new_full((scores.shape[0], 1), -lenet_map_j)
             return (y_correct + torch.logsumexp(torch.cat([rubbish, scores], 1), 1)).mean()
 
         return lenet_map
-    return f.cross_entropy
+    return torch.nn.functional.cross_entropy
 
 
 class TorchTrainer:
-    """One compiled-nothing eager training step of the reference model on a fixed batch."""
+    """One eager training step of the reference model on a fixed random batch.
 
-    def __init__(self, config, channels: int):
+    `model` names a cnn_jax model and `model_fields` are its own fields (the config's model
+    group without `name`); the optimiser is SGD with cnn_jax.optim's momentum, Nesterov and
+    weight-decay settings; `loss` is cross_entropy or lenet_map (with its constant j).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        channels: int,
+        image_size: int,
+        batch_size: int,
+        num_classes: int,
+        model_fields: Mapping | None = None,
+        seed: int = 0,
+        optimizer: str = "sgd",
+        learning_rate: float = 0.01,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        loss: str = "cross_entropy",
+        lenet_map_j: float = 1.0,
+    ):
         torch = _torch()
         try:
-            build = TORCH_MODELS[config.model]
+            build = TORCH_MODELS[model]
         except KeyError:
             raise UserError(
-                f"--torch has no PyTorch reference for model {config.model!r}; choose one of: "
+                f"no PyTorch reference for model {model!r}; choose one of: "
                 f"{', '.join(sorted(TORCH_MODELS))}"
             ) from None
-        if config.optimizer != "sgd":
-            raise UserError(f"--torch compares SGD only; got --config.optimizer={config.optimizer}")
-        torch.manual_seed(config.seed)
+        if optimizer != "sgd":
+            raise UserError(
+                f"the PyTorch reference trains with SGD only, not --config.optim.name={optimizer}"
+            )
+        torch.manual_seed(seed)
         self.torch = torch
-        self.model = build(torch, config, channels)
+        self.model = build(
+            torch,
+            channels=channels,
+            num_classes=num_classes,
+            image_size=image_size,
+            **(model_fields or {}),
+        )
         self.model.train()
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=config.learning_rate, momentum=config.momentum,
-            nesterov=config.nesterov, weight_decay=config.weight_decay,
-        )  # fmt: skip
-        self.loss = _loss_fn(torch, config)
-        b, s = config.batch_size, config.image_size
-        self.images = torch.randn(b, channels, s, s)
-        self.labels = torch.randint(0, config.num_classes, (b,))
+            self.model.parameters(),
+            lr=learning_rate,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+        )
+        self.loss = _loss_fn(torch, loss, lenet_map_j)
+        self.images = torch.randn(batch_size, channels, image_size, image_size)
+        self.labels = torch.randint(0, num_classes, (batch_size,))
 
     def step(self) -> float:
         """One step; returns its wall time in seconds (eager: done when the call returns)."""
@@ -194,3 +237,32 @@ class TorchTrainer:
 
     def threads(self) -> int:
         return self.torch.get_num_threads()
+
+
+def from_trainer(trainer) -> TorchTrainer:
+    """The reference of a built cnn_jax.train.Trainer's model, optimiser and batch."""
+    config = trainer.config  # the resolved copy the trainer was built from
+    return TorchTrainer(
+        config.model.name,
+        channels=trainer.input_shape[-1],
+        image_size=config.input.image_size,
+        batch_size=config.input.batch_size,
+        num_classes=config.data.num_classes,
+        model_fields={
+            k: v for k, v in config.model.items() if k not in ("name", "warm_start_from")
+        },
+        seed=config.run.seed,
+        optimizer=config.optim.name,
+        learning_rate=config.optim.learning_rate,
+        momentum=config.optim.momentum,
+        nesterov=config.optim.nesterov,
+        weight_decay=config.optim.weight_decay,
+        loss=config.loss.name,
+        lenet_map_j=config.loss.lenet_map_j,
+    )
+
+
+if __name__ == "__main__":
+    from cnn_jax import benchmark
+
+    benchmark.main(reference=from_trainer, doc=__doc__)
