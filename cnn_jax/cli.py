@@ -5,6 +5,7 @@ import functools
 import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 
@@ -111,9 +112,10 @@ def _load_failure(error: Exception) -> str:
 
 
 def setup_runtime(config=None) -> None:
-    """Before JAX touches a device: hide accelerators from TensorFlow (tf.data only), split
-    the CPU cores into devices (`config.mesh.cpu_devices`), and join a multi-process job when
-    launched as one."""
+    """Before JAX touches a device: hide accelerators from TensorFlow (tf.data only), turn
+    JAX's persistent compilation cache on (`config.run.compilation_cache_dir`), split the CPU
+    cores into devices (`config.mesh.cpu_devices`), and join a multi-process job when launched
+    as one."""
     # Orbax and TFDS log routine events at INFO and WARNING (every save and read, a
     # read-only manager, a dataset folder being prepared); cnn_jax says what matters itself.
     logging.set_verbosity(logging.ERROR)
@@ -123,10 +125,146 @@ def setup_runtime(config=None) -> None:
 
     import jax
 
+    enable_compilation_cache(config.run.compilation_cache_dir if config is not None else "")
     if _launched_as_multi_process():
         jax.distributed.initialize(**_process_args())
     elif config is not None:
         split_cpu_cores(config.mesh.cpu_devices, config.input.batch_size, config.mesh.model)
+
+
+# The persistent compilation cache: a rerun, a resume or another run of the same programs
+# loads its executables instead of compiling them again (docs/performance.md).
+COMPILATION_CACHE_ENV = "CNN_JAX_COMPILATION_CACHE"
+COMPILATION_CACHE_OFF = "off"  # the field's or the variable's value that turns it off
+_COMPILATION_CACHE_FIELD = "--config.run.compilation_cache_dir"
+
+
+def compilation_cache_dir(configured: str = "") -> str | None:
+    """Where the run's compiled programs are kept, or None for no cache.
+
+    The first of: the config field (`configured`), $CNN_JAX_COMPILATION_CACHE, JAX's own
+    setting (JAX_COMPILATION_CACHE_DIR), and the user's cache directory,
+    $XDG_CACHE_HOME/cnn_jax/jax or ~/.cache/cnn_jax/jax. `off` in the field or the variable
+    turns the cache off. A given value that cannot be a local directory is a UserError; a
+    directory that cannot be made or written to is one warning line on stderr, and the run
+    goes on without the cache.
+    """
+    import jax
+
+    given = [
+        (name, value.strip())
+        for name, value in (
+            (_COMPILATION_CACHE_FIELD, configured),
+            (COMPILATION_CACHE_ENV, os.environ.get(COMPILATION_CACHE_ENV, "")),
+            ("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir or ""),
+        )
+        if value.strip()
+    ]
+    source = given[0][0] if given else ""
+    if given:
+        value = given[0][1]
+        if value.lower() == COMPILATION_CACHE_OFF and source != "JAX_COMPILATION_CACHE_DIR":
+            return None
+        if "\0" in value or "://" in value:
+            raise UserError(
+                f"{source}={value!r}: give a local directory, or {COMPILATION_CACHE_OFF}"
+            )
+        path = os.path.abspath(os.path.expanduser(value))
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f"{source}={value} is not a directory")
+    else:
+        path = _user_cache_dir()
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)  # only its user may write: it runs code
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        print(
+            f"warning: compiling without a cache: cannot write to {path} ({e.strerror or e}); "
+            f"set {source or COMPILATION_CACHE_ENV} to another directory, or to "
+            f"{COMPILATION_CACHE_OFF}",
+            file=sys.stderr,
+        )
+        return None
+    return path
+
+
+def _user_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # unset, or relative: the XDG spec says to ignore it
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cnn_jax", "jax")
+
+
+def enable_compilation_cache(configured: str = "") -> str | None:
+    """Point JAX's persistent compilation cache at `compilation_cache_dir(configured)`
+    (before anything compiles: JAX reads the setting once), or turn it off; returns the
+    directory. Every program is kept, however fast it compiled (JAX keeps only those that
+    took over a second, unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise):
+    loading even a small one is quicker than compiling it."""
+    import jax
+
+    path = compilation_cache_dir(configured)
+    if path is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
+# What XLA:CPU logs when it refuses a cached program compiled on this very machine: on some
+# Intel CPUs it counts LLVM's tuning preferences (+prefer-no-gather) as features the host
+# lacks (jax-ml/jax#38445, openxla/xla#44565), so every reload fails with one error line.
+_REFUSED_RELOAD = "Machine type used for XLA:CPU compilation doesn't match"
+
+
+def keep_cache_only_if_it_reloads() -> None:
+    """Before a run's first compilation (after its config's checks, which compile nothing):
+    the compilation cache off where XLA:CPU refuses its own cached programs."""
+    import jax
+
+    on = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+    if on and not cpu_programs_reload():
+        jax.config.update("jax_enable_compilation_cache", False)
+
+
+def cpu_programs_reload() -> bool:
+    """Whether XLA:CPU reloads a program it compiled into the cache (True on other backends).
+    A tiny program is compiled, then compiled again as a new function, which JAX fetches
+    from the cache, with stderr (the C++ log) captured meanwhile: where the reload is refused
+    the cache would only add an error line to every compilation, so the run goes without it
+    (silently: docs/performance.md says so)."""
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+
+    if jax.default_backend() != "cpu":
+        return True
+
+    def probe():  # a new function each time: not in memory, so looked up in the cache
+        return jax.jit(lambda x: x * 3.0 + 0.5)
+
+    probe()(jnp.zeros(3)).block_until_ready()  # compiled and written to the cache (or read)
+    sys.stderr.flush()
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            probe()(jnp.zeros(3)).block_until_ready()  # from the cache
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        log = captured.read().decode(errors="replace")
+    refused = _REFUSED_RELOAD in log
+    others = [line for line in log.splitlines() if line and not refused]
+    if others:  # not ours to hide
+        print("\n".join(others), file=sys.stderr)
+    return not refused
 
 
 def split_cpu_cores(cpu_devices: int, batch_size: int, model_axis: int) -> None:

@@ -107,7 +107,7 @@ def _input() -> ml_collections.ConfigDict:
 
 def _optim() -> ml_collections.ConfigDict:
     o = ml_collections.ConfigDict()
-    o.name = "sgd"  # sgd (with momentum), adam.
+    o.name = "sgd"  # sgd (with momentum), adam, sdlm (LeNet-5's, cnn_jax/sdlm.py).
     o.learning_rate = 0.01
     o.momentum = 0.9
     o.nesterov = False
@@ -121,6 +121,15 @@ def _optim() -> ml_collections.ConfigDict:
     o.plateau_patience = 2
     o.plateau_max_drops = 3
     o.plateau_min_delta = 1e-4
+    # sdlm: per-parameter steps eta / (sdlm_mu + h_kk), h_kk the Gauss-Newton diagonal
+    # estimated on sdlm_samples examples before each pass; eta is sdlm_etas[i] for
+    # sdlm_eta_passes[i] passes, the last from then on (LeNet-5 App. C); learning_rate,
+    # momentum and the schedule's fields do not apply to it.
+    o.sdlm_mu = 0.02
+    o.sdlm_samples = 500
+    o.sdlm_every_steps = 0  # re-estimate every this many steps; 0: once per pass (the paper)
+    o.sdlm_etas = (0.0005, 0.0002, 0.0001, 0.00005, 0.00001)
+    o.sdlm_eta_passes = (2, 3, 3, 4)
     return o
 
 
@@ -172,5 +181,9 @@ def _run() -> ml_collections.ConfigDict:
     r.checkpoint_every_steps = 500
     r.keep_checkpoints = 3
     r.progress_bar = True
+    # JAX's persistent compilation cache, so that a rerun or a resume loads its compiled steps
+    # instead of compiling them again. Empty: $CNN_JAX_COMPILATION_CACHE, else
+    # $XDG_CACHE_HOME/cnn_jax/jax (~/.cache/cnn_jax/jax); "off": no cache (cnn_jax.cli).
+    r.compilation_cache_dir = ""
     r.debug_inject_nan_at_step = -1  # fault testing: make the loss NaN at this step.
     return r

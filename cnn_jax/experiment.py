@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cnn_jax import evaluate, losses, models, optim, parallel, paths, validation
+from cnn_jax import evaluate, losses, models, optim, parallel, paths, sdlm, validation
 from cnn_jax.data import datasets, pipeline, preprocess
 from cnn_jax.errors import UserError
 
@@ -160,12 +160,18 @@ class Loop:
     eval_only: bool
     warm_start_from: str = ""
 
-    def __post_init__(self):
-        for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
-            if not getattr(self, field) > 0:
-                raise UserError(f"--config.run.{field}={getattr(self, field)} must be > 0")
-        if not -(2**63) <= self.seed < 2**63:  # jax.random.key takes a 64-bit integer
-            raise UserError(f"--config.run.seed={self.seed} must fit in 64 bits (|seed| < 2**63)")
+
+def _check_run(run, every_epochs: float) -> None:
+    """The run group's fields (and how often to evaluate): the loop's own checks."""
+    for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        if not run[field] > 0:
+            raise UserError(f"--config.run.{field}={run[field]} must be > 0")
+    if not -(2**63) <= run.seed < 2**63:  # jax.random.key takes a 64-bit integer
+        raise UserError(f"--config.run.seed={run.seed} must fit in 64 bits (|seed| < 2**63)")
+    if run.num_train_steps <= 0 and not run.num_epochs > 0:
+        raise UserError(f"--config.run.num_epochs={run.num_epochs} must be > 0")
+    if not every_epochs > 0:
+        raise UserError(f"--config.eval.every_epochs={every_epochs} must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,34 +215,34 @@ class Experiment:
 def _total_steps(run, steps_per_epoch: int) -> int:
     if run.num_train_steps > 0:
         return run.num_train_steps
-    if not run.num_epochs > 0:
-        raise UserError(f"--config.run.num_epochs={run.num_epochs} must be > 0")
     return max(1, int(run.num_epochs * steps_per_epoch))
 
 
-def build(config, num_devices: int, process_count: int = 1) -> Experiment:
-    """Every part of a resolved config's run, each checked by its owner."""
-    validation.check_numbers(config)
-    validation.check_mesh(
-        data=config.mesh.data,
-        model=config.mesh.model,
-        spmd=config.mesh.spmd,
-        batch_size=config.input.batch_size,
-        num_devices=num_devices,
-        process_count=process_count,
+def _sdlm_arguments(config, net, batch_size: int) -> dict:
+    """SDLM's own arguments: its curvature estimate reads the model and the loss."""
+    if config.optim.name != "sdlm":
+        return {}
+    curvature = sdlm.make_curvature(
+        net, config.model.name, config.loss.name, config.loss.lenet_map_j
     )
+    return {"batch_size": batch_size, "curvature": curvature}
+
+
+def build(config, num_devices: int, process_count: int = 1) -> Experiment:
+    """Every part of a resolved config's run, each checked by its owner. Whatever can be
+    checked without the data is, before the dataset is opened (and prepared, if it is not
+    yet: hours, for ImageNet)."""
+    _check_before_data(config, num_devices, process_count)
     src, prep = source(config), preprocessing(config)
     channels = pipeline.input_channels(src, prep)
     net = model(config)
     loss = losses.make_loss(config.loss.name, lenet_map_j=config.loss.lenet_map_j)
+    evaluators_ = evaluators(config, net, loss)
     batch_size = config.input.batch_size
-    pipeline.check_shuffle_buffer(config.input.shuffle_buffer)
-    steps_per_epoch = pipeline.steps_per_epoch(src, batch_size)
+    steps_per_epoch = pipeline.steps_per_epoch(src, batch_size)  # opens the dataset
     if steps_per_epoch < 1:
         raise UserError(f"--config.input.batch_size={batch_size} is larger than the training split")
     total = _total_steps(config.run, steps_per_epoch)
-    if not config.eval.every_epochs > 0:
-        raise UserError(f"--config.eval.every_epochs={config.eval.every_epochs} must be > 0")
     loop = Loop(
         seed=config.run.seed,
         total_steps=total,
@@ -249,8 +255,6 @@ def build(config, num_devices: int, process_count: int = 1) -> Experiment:
         eval_only=config.eval.only,
         warm_start_from=config.model.get(WARM_START_FIELD, ""),
     )
-    if loop.warm_start_from:
-        paths.existing_directory(loop.warm_start_from, f"--config.model.{WARM_START_FIELD}")
     return Experiment(
         config=config,
         model=net,
@@ -260,8 +264,9 @@ def build(config, num_devices: int, process_count: int = 1) -> Experiment:
             **{k: v for k, v in config.optim.items()},
             steps_per_epoch=steps_per_epoch,
             total_steps=total,
+            **_sdlm_arguments(config, net, batch_size),
         ),
-        evaluators=evaluators(config, net, loss),
+        evaluators=evaluators_,
         source=src,
         prep=prep,
         batch_size=batch_size,
@@ -273,3 +278,23 @@ def build(config, num_devices: int, process_count: int = 1) -> Experiment:
         loop=loop,
         nan_at_step=config.run.debug_inject_nan_at_step,
     )
+
+
+def _check_before_data(config, num_devices: int, process_count: int) -> None:
+    """The checks that need neither the data nor a model: numbers, the mesh, the optimiser,
+    the input pipeline's shuffling, the loop, the warm start's checkpoint directory."""
+    validation.check_numbers(config)
+    validation.check_mesh(
+        data=config.mesh.data,
+        model=config.mesh.model,
+        spmd=config.mesh.spmd,
+        batch_size=config.input.batch_size,
+        num_devices=num_devices,
+        process_count=process_count,
+    )
+    optim.check_fields(**config.optim)
+    pipeline.check_shuffle_buffer(config.input.shuffle_buffer)
+    _check_run(config.run, config.eval.every_epochs)
+    warm_start_from = config.model.get(WARM_START_FIELD, "")
+    if warm_start_from:
+        paths.existing_directory(warm_start_from, f"--config.model.{WARM_START_FIELD}")

@@ -5,16 +5,22 @@ The papers' policy "divide the learning rate by 10 when validation accuracy stop
 a host-side decision, so the optimiser carries a `plateau_factor` in its state that the loop
 (cnn_jax.train) lowers after an evaluation through `PlateauRule.after_eval`; the step itself
 stays pure.
+
+LeNet-5's stochastic diagonal Levenberg-Marquardt (`sdlm`, cnn_jax.sdlm) needs the same: its
+curvature estimate reads data and the model before each pass, so the loop calls the
+optimiser's `before_epoch` hook, which puts the estimate into the optimiser state.
 """
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from cnn_jax import sdlm
 from cnn_jax.errors import UserError
 
 
@@ -105,11 +111,14 @@ def learning_rate_schedule(
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
     """The optax transformation, its schedule (made once) and, for the papers' "divide by 10
-    when validation accuracy stops improving", the plateau rule the loop applies."""
+    when validation accuracy stops improving", the plateau rule the loop applies; for SDLM,
+    the hook the loop calls at the start of each pass: before_epoch(state, batches) ->
+    (opt_state, batches), the batches it read ahead handed back (sdlm.EpochEstimate)."""
 
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     plateau: PlateauRule | None
+    before_epoch: Callable | None = None
 
     def learning_rate(self, step: int, opt_state) -> float:
         return float(self.schedule(step) * find_plateau_state(opt_state).factor)
@@ -131,19 +140,23 @@ def make_optimizer(
     plateau_min_delta: float,
     steps_per_epoch: int,
     total_steps: int,
+    batch_size: int = 1,
+    curvature: Callable | None = None,
+    **sdlm_fields,
 ) -> Optimizer:
-    """The optimiser of the config's optim group (its fields, as keywords), checked here."""
-    _check_choices(name, schedule, step_epochs)
-    _check_ranges(
-        learning_rate=(learning_rate, ">0"),
-        step_factor=(step_factor, ">0"),
-        momentum=(momentum, "[0,1)"),
-        weight_decay=(weight_decay, ">=0"),
-        warmup_epochs=(warmup_epochs, ">=0"),
-        plateau_min_delta=(plateau_min_delta, ">=0"),
-        plateau_max_drops=(plateau_max_drops, ">=0"),
-        plateau_patience=(plateau_patience, ">=1"),
-    )
+    """The optimiser of the config's optim group (its fields, as keywords; check_fields
+    checks them, as a run does before it opens the data). `sdlm_fields`, `batch_size` and
+    `curvature` are SDLM's (`_make_sdlm`)."""
+    plateau = plateau_rule(schedule, plateau_patience, plateau_max_drops, plateau_min_delta)
+    if name == "sdlm":
+        return _make_sdlm(
+            weight_decay=weight_decay,
+            plateau=plateau,
+            steps_per_epoch=steps_per_epoch,
+            batch_size=batch_size,
+            curvature=curvature,
+            **{k.removeprefix("sdlm_"): v for k, v in sdlm_fields.items()},
+        )
     lr = learning_rate_schedule(
         schedule,
         learning_rate,
@@ -165,16 +178,89 @@ def make_optimizer(
         optax.scale_by_learning_rate(lr),
         scale_by_plateau_factor(),
     )
-    plateau = (
-        PlateauRule(plateau_patience, plateau_max_drops, plateau_min_delta)
-        if schedule == "plateau"
-        else None
-    )
     return Optimizer(tx=tx, schedule=lr, plateau=plateau)
 
 
-NAMES = ("sgd", "adam")
+def plateau_rule(schedule: str, patience: int, max_drops: int, min_delta: float):
+    return PlateauRule(patience, max_drops, min_delta) if schedule == "plateau" else None
+
+
+def _make_sdlm(
+    *,
+    weight_decay,
+    plateau,
+    steps_per_epoch,
+    batch_size,
+    curvature,
+    mu=0.02,
+    samples=500,
+    every_steps=0,
+    etas=sdlm.PAPER_ETAS,
+    eta_passes=sdlm.PAPER_ETA_PASSES,
+) -> Optimizer:
+    """sdlm: the paper's per-example steps eta / (mu + h) * g (learning_rate, momentum and
+    the schedule fields do not apply; the plateau factor does), eta from `etas`, each for its
+    `eta_passes`; h re-estimated before each pass on `samples` examples by
+    `curvature(params, images)` (sdlm.make_curvature). A step on a batch of `batch_size`
+    averaged gradients takes the batch's per-example steps at once: eta x batch_size."""
+    if curvature is None:
+        raise ValueError("make_optimizer('sdlm') needs curvature= (sdlm.make_curvature)")
+    eta = sdlm.paper_schedule(tuple(etas), tuple(eta_passes), steps_per_epoch)
+    tx = optax.chain(
+        optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
+        sdlm.scale_by_sdlm(mu),
+        optax.scale_by_learning_rate(eta),
+        scale_by_plateau_factor(),
+    )
+    every = min(every_steps, steps_per_epoch) if every_steps > 0 else steps_per_epoch
+    hook = sdlm.EpochEstimate(curvature, samples, batch_size, every_steps=every)
+    return Optimizer(tx=tx, schedule=eta, plateau=plateau, before_epoch=hook)
+
+
+NAMES = ("sgd", "adam", "sdlm")
 SCHEDULES = ("constant", "step", "cosine", "plateau")
+
+
+def check_fields(
+    *,
+    name: str,
+    learning_rate: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    schedule: str,
+    step_epochs,
+    step_factor: float,
+    warmup_epochs: float,
+    plateau_patience: int,
+    plateau_max_drops: int,
+    plateau_min_delta: float,
+    sdlm_mu: float = 0.02,
+    sdlm_samples: int = 500,
+    sdlm_every_steps: int = 0,
+    sdlm_etas=sdlm.PAPER_ETAS,
+    sdlm_eta_passes=sdlm.PAPER_ETA_PASSES,
+) -> None:
+    """The optim group's fields, each in its range; one line naming the first that is not.
+    (make_optimizer checks them too; a run checks them before it opens the data.)"""
+    del nesterov  # any bool
+    _check_choices(name, schedule, step_epochs)
+    _check_ranges(
+        sdlm_mu=(sdlm_mu, ">0"),
+        sdlm_samples=(sdlm_samples, ">=1"),
+        sdlm_every_steps=(sdlm_every_steps, ">=0"),
+    )
+    sdlm.paper_schedule(tuple(sdlm_etas), tuple(sdlm_eta_passes), steps_per_epoch=1)
+    _check_ranges(
+        learning_rate=(learning_rate, ">0"),
+        step_factor=(step_factor, ">0"),
+        momentum=(momentum, "[0,1)"),
+        weight_decay=(weight_decay, ">=0"),
+        warmup_epochs=(warmup_epochs, ">=0"),
+        plateau_min_delta=(plateau_min_delta, ">=0"),
+        plateau_max_drops=(plateau_max_drops, ">=0"),
+        plateau_patience=(plateau_patience, ">=1"),
+    )
 
 
 def _check_choices(name: str, schedule: str, step_epochs) -> None:

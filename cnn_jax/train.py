@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from cnn_jax import (
     checkpoint,
+    cli,
     divergence,
     errors,
     evaluate,
@@ -219,6 +220,7 @@ def build_trainer(config: ml_collections.ConfigDict) -> Trainer:
     devices, processes = jax.device_count(), jax.process_count()
     resolved = experiment_lib.resolve(config, devices, processes)
     built = experiment_lib.build(resolved, devices, processes)
+    cli.keep_cache_only_if_it_reloads()  # checked: from here on, compiling is allowed
     if jax.process_index() == 0:
         for note in (
             experiment_lib.mesh_notice(built.model_name, built.mesh_shape[1], devices),
@@ -299,6 +301,7 @@ def _start_state(trainer: Trainer, ckpt: checkpoint.Checkpointer) -> tuple[Train
 
 
 def _train(trainer: Trainer, ckpt: checkpoint.Checkpointer, workdir: str) -> TrainState:
+    began = time.perf_counter()  # the first step's line counts from here
     loop, optimizer = trainer.experiment.loop, trainer.experiment.optimizer
     state, resumed = _start_state(trainer, ckpt)
     start, total = int(state.step), loop.total_steps
@@ -321,9 +324,12 @@ def _train(trainer: Trainer, ckpt: checkpoint.Checkpointer, workdir: str) -> Tra
     # The reporter closes its progress bar on the way out, before any error line is printed.
     with checkpoint.StopSignal() as stop, reporter:
         for step in range(start, total):
+            if optimizer.before_epoch is not None and optimizer.before_epoch.due(step):
+                state, batches = _before_epoch(optimizer, state, batches)
             state, metrics = trainer.train_step(state, next(batches))
             if step == start:  # compiled and running: Ctrl-C now saves, not aborts
                 stop.catch_interrupts()
+                _first_step_done(reporter, metrics, began)
             window.add(metrics)
             done = step + 1
             reporter.advance()
@@ -335,12 +341,7 @@ def _train(trainer: Trainer, ckpt: checkpoint.Checkpointer, workdir: str) -> Tra
                     0, loss=f"{summary['loss']:.4f}", img_s=f"{summary['images_per_sec']:.0f}"
                 )
             if itstime(done, loop.eval_every_steps, total):
-                results = trainer.evaluate(state)
-                evaluate.report(reporter, done, results)
-                if optimizer.plateau is not None:
-                    accuracy = results[0][1]["accuracy"]
-                    opt_state = optimizer.plateau.after_eval(state.opt_state, accuracy, replicated)
-                    state = state.replace(opt_state=opt_state)
+                state = _evaluate(trainer, state, reporter, done, replicated)
                 window.restart()  # evaluation time is not training throughput
             stopping = stop.requested(done)  # SIGTERM or Ctrl-C: save this step and stop
             if itstime(done, loop.checkpoint_every_steps, total) or stopping:
@@ -355,6 +356,29 @@ def _train(trainer: Trainer, ckpt: checkpoint.Checkpointer, workdir: str) -> Tra
             "the same command to continue"
         )
     return state
+
+
+def _before_epoch(optimizer, state: TrainState, batches):
+    """The optimiser's work at the start of a pass (SDLM's curvature estimate, which reads
+    the pass's first batches and hands them back)."""
+    opt_state, batches = optimizer.before_epoch(state, batches)
+    return state.replace(opt_state=opt_state), batches
+
+
+def _first_step_done(reporter, metrics, began: float) -> None:
+    jax.block_until_ready(metrics)  # the state, the first batch, compiling and the step
+    reporter.message(f"first step after {time.perf_counter() - began:.1f} s (compiling included)")
+
+
+def _evaluate(trainer: Trainer, state: TrainState, reporter, done: int, replicated):
+    """Every evaluator's metrics written down; the plateau rule (if any) fed the first's."""
+    results = trainer.evaluate(state)
+    evaluate.report(reporter, done, results)
+    plateau = trainer.experiment.optimizer.plateau
+    if plateau is None:
+        return state
+    opt_state = plateau.after_eval(state.opt_state, results[0][1]["accuracy"], replicated)
+    return state.replace(opt_state=opt_state)
 
 
 def _stop(ckpt, stop, reporter, done: int, total: int) -> None:

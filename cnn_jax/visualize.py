@@ -218,6 +218,7 @@ def write_pictures(workdir: str, out: str | None = None) -> list[str]:
         plot_alexnet_conv1(params, model.towers, written[-1], step)
     elif isinstance(model, lenet.LeNet5 | lenet.LeNet5Modern):
         _, params = restore_params(workdir)
+        cli.keep_cache_only_if_it_reloads()  # the feature maps are computed: compiled
         written.append(os.path.join(out, "lenet_feature_maps.png"))
         example = first_eval_example(experiment.source(config), experiment.preprocessing(config))
         plot_lenet_feature_maps(model, params, example, written[-1])

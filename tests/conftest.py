@@ -8,6 +8,10 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No persistent compilation cache for the runs the tests start (cnn_jax.cli), in the process
+# or as subprocesses: never the user's own directory, and no serialising of every program
+# the suite compiles. tests/test_compile_cache.py gives its runs a directory of their own.
+os.environ["CNN_JAX_COMPILATION_CACHE"] = "off"
 
 import pytest
 

@@ -144,6 +144,7 @@ def shared_compilation_cache(tmp_path_factory):
 
     path = str(tmp_path_factory.mktemp("jax_cache"))
     settings = {
+        "jax_enable_compilation_cache": True,
         "jax_compilation_cache_dir": path,
         "jax_persistent_cache_min_compile_time_secs": 0.0,
     }
@@ -152,6 +153,7 @@ def shared_compilation_cache(tmp_path_factory):
         for name, value in settings.items():
             jax.config.update(name, value)
             patch.setenv(name.upper(), str(value))  # for the subprocesses
+        patch.setenv("CNN_JAX_COMPILATION_CACHE", path)  # what cnn_jax.cli turns on
         compilation_cache.reset_cache()
         yield
     for name, value in saved.items():
@@ -622,7 +624,7 @@ def _bad_inputs(tmp_path):
         ({"dataset": "image_folder", "manual_dir": str(two_classes)}, LENET_CONFIG,
          f"error: --config.data.manual_dir={two_classes} holds 2 class folder(s): {lenet_rbf}"),
         ({}, f"{LENET_CONFIG}:nonsense",
-         "error: configs/lenet.py takes modern, or nothing for the paper's LeNet-5, not "
+         "error: configs/lenet.py takes modern, sdlm, or nothing for the paper's LeNet-5, not "
          "'nonsense'"),
         ({"data_dir": str(a_file)}, None,
          f"error: --config.data.data_dir={a_file} is a file, not a directory"),
@@ -632,6 +634,12 @@ def _bad_inputs(tmp_path):
          f"error: --config.model.warm_start_from={a_file} is a file, not a directory"),
         ({"dropout_rate": 0.5}, None,
          "error: --config.model.dropout_rate: no such config field"),
+        # Checked before the dataset is opened (ImageNet, not prepared here: that error
+        # would come first otherwise, after hours of preparing it where it can be).
+        ({"dataset": "imagenet2012", "eval_mode": "dense", "image_size": 64}, VGG_CONFIG,
+         "error: --config.eval.evaluators=dense needs --config.input.image_size >= 224"),
+        ({"dataset": "imagenet2012", "momentum": 2.0}, VGG_CONFIG,
+         "error: --config.optim.momentum=2.0 must be in [0, 1)"),
     ]  # fmt: skip
 
 

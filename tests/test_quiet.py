@@ -20,7 +20,9 @@ CONFIGS = os.path.join(REPO, "configs")
 
 # What cnn_jax itself prints on stdout during a run (train.py, experiment.resolve,
 # data.datasets); anything else came from a library.
-OWN_STDOUT = ("mesh: ", "data: ", "step ", "Resuming ", "Training already finished")
+OWN_STDOUT = (
+    "mesh: ", "data: ", "step ", "first step after ", "Resuming ", "Training already finished",
+)  # fmt: skip
 
 
 def _run(*args, cwd=REPO):
