@@ -125,10 +125,9 @@ class Evaluator:
 
     def _needs_multi_view(self) -> None:
         if self.prep.spec.normalise is None:
-            multi = [n for n, s in preprocess.PREPROCESSORS.items() if s.normalise is not None]
             raise UserError(
                 f"--config.eval.evaluators={self.name} needs --config.input.preprocess in: "
-                f"{', '.join(multi)} (not {self.prep.name!r})"
+                f"{', '.join(preprocess.MULTI_VIEW_PREPROCESSORS)} (not {self.prep.name!r})"
             )
 
 

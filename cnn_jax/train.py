@@ -9,7 +9,6 @@ checkpoint (`itstime`), and writes what happened.
 
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -244,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         trainer = build_trainer(config)
         loop = trainer.experiment.loop
         ckpt = checkpoint.Checkpointer(
-            os.path.join(os.path.abspath(workdir), paths.CHECKPOINTS_DIR),
+            paths.checkpoints_dir(workdir),
             keep=loop.keep_checkpoints,
         )
         try:
@@ -270,7 +269,7 @@ def _evaluate_checkpoint(trainer: Trainer, ckpt: checkpoint.Checkpointer, workdi
     state = ckpt.restore_newest(trainer.abstract_state())
     if state is None:
         raise UserError(
-            f"--config.eval.only=True but {os.path.join(workdir, paths.CHECKPOINTS_DIR)} holds "
+            f"--config.eval.only=True but {paths.checkpoints_dir(workdir)} holds "
             "no checkpoint: train first (the same command without eval.only)"
         )
     step = int(state.step)
