@@ -96,7 +96,15 @@ def _lenet5_modern(torch, *, channels, num_classes, image_size):
 
 
 def _alexnet(
-    torch, *, channels, num_classes, image_size, towers=2, dropout_rate=0.5, width_divisor=1
+    torch,
+    *,
+    channels,
+    num_classes,
+    image_size,
+    towers=2,
+    dropout_rate=0.5,
+    width_divisor=1,
+    init="paper",
 ):
     """AlexNet as cnn_jax.models.alexnet builds it on one device: conv2, conv4 and conv5 as
     grouped convolutions (each tower reads its own maps), the paper's LRN within each tower
@@ -105,6 +113,7 @@ def _alexnet(
     dropout on fc6/fc7."""
     from cnn_jax.models import alexnet
 
+    del init  # the initialisation does not change a step's time
     nn = torch.nn
     f = torch.nn.functional
     maps = [m * alexnet.TOWERS // width_divisor for m in alexnet.TOWER_MAPS]
@@ -145,6 +154,39 @@ def _alexnet(
     )  # fmt: skip
 
 
+def _vgg(
+    torch, *, channels, num_classes, image_size, variant, batch_norm, dropout_rate, width_divisor
+):
+    """VGG as cnn_jax.models.vgg builds it for training (`dense=False`): one column of Table 1,
+    3x3 convolutions with padding 1 (1x1 with none) and ReLU, batch norm in place of the bias
+    where asked, A-LRN's LRN after conv1_1, 2x2 max-pools, the last map averaged to 7x7 (the
+    identity at 224), then FC6-FC8 with dropout on FC6 and FC7."""
+    del image_size
+    from cnn_jax.models import vgg
+
+    nn = torch.nn
+    spec = vgg.VARIANTS[vgg.resolve_variant(variant)]
+    stack, maps = [], channels
+    for b, block in enumerate(spec.blocks, 1):
+        for i, (features, kernel) in enumerate(block, 1):
+            width = features // width_divisor
+            stack.append(nn.Conv2d(maps, width, kernel, padding=kernel // 2, bias=not batch_norm))
+            stack += [nn.BatchNorm2d(width, momentum=0.1)] if batch_norm else []
+            stack.append(nn.ReLU())
+            if spec.lrn_after_first_conv and (b, i) == (1, 1):
+                stack.append(nn.LocalResponseNorm(size=5, alpha=1e-4 * 5, beta=0.75, k=2.0))
+            maps = width
+        stack.append(nn.MaxPool2d(2, 2))
+    fc, window = vgg.FC_WIDTH // width_divisor, vgg.FC6_WINDOW
+    p = dropout_rate
+    return nn.Sequential(
+        *stack, nn.AdaptiveAvgPool2d(window), nn.Flatten(),
+        nn.Linear(maps * window * window, fc), nn.ReLU(), nn.Dropout(p),
+        nn.Linear(fc, fc), nn.ReLU(), nn.Dropout(p),
+        nn.Linear(fc, num_classes),
+    )  # fmt: skip
+
+
 # Model name (cnn_jax.models.MODELS) -> builder of the PyTorch module with the same layers:
 # builder(torch, *, channels, num_classes, image_size, **the model's own fields).
 TORCH_MODELS = {
@@ -152,6 +194,7 @@ TORCH_MODELS = {
     "lenet5_modern": _lenet5_modern,
     "alexnet": _alexnet,
     "alexnet_single_tower": functools.partial(_alexnet, towers=1),
+    "vgg": _vgg,
 }
 
 

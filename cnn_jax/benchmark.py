@@ -19,8 +19,10 @@ reports the median of its per-step times.
 """
 
 import contextlib
+import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -136,22 +138,47 @@ def run(
     other = reference(trainer) if reference else None  # before compiling: it may refuse
     state, batch = trainer.init_state(), synthetic_batch(trainer)
     compiled, compile_s, compile_s_warm = compile_cold_and_warm(trainer.train_step, state, batch)
+    load_before = _load_average()
     jax_times, other_times = _alternate(compiled, state, batch, other, steps, warmup, rounds)
     compile_times = (compile_s, compile_s_warm)
     result = _result(trainer, jax_times, compile_times, step_flops(compiled), peak_tflops)
+    result["load_average"] = [load_before, _load_average()]
     if other:
-        other_ms, t10, t90 = _median_spread(other_times)
-        result |= {
-            "torch_images_per_sec": trainer.batch_size / (other_ms / 1e3),
-            "torch_step_ms": other_ms,
-            "torch_step_ms_p10_p90": [t10, t90],
-            "torch_threads": other.threads(),
-            "ratio": other_ms / result["step_ms"],  # cnn_jax images/s over the reference's
-        }
+        result |= _reference_fields(trainer.batch_size, result, jax_times, other_times)
+        result["torch_threads"] = other.threads()
     if input_steps > 0:
         wall, per_cpu = input_rates(trainer, input_steps)
         result["input_images_per_sec"], result["input_images_per_cpu_sec"] = wall, per_cpu
     return result
+
+
+def _reference_fields(batch_size: int, result: dict, jax_times, other_times) -> dict:
+    """The reference's fields, and the ratios: each cnn_jax images/s over the reference's.
+    `ratio` compares the medians of all steps; `ratio_per_round` each round's pair of
+    medians, which ran back to back and so under much the same load; `cpu_ratio` the
+    medians of process CPU time per step."""
+    other_ms, t10, t90 = _median_spread(other_times.wall)
+    other_cpu_ms = statistics.median(other_times.cpu) * 1e3
+    pairs = zip(other_times.round_medians(), jax_times.round_medians(), strict=True)
+    per_round = [theirs / ours for theirs, ours in pairs]
+    return {
+        "torch_images_per_sec": batch_size / (other_ms / 1e3),
+        "torch_step_ms": other_ms,
+        "torch_step_ms_p10_p90": [t10, t90],
+        "torch_step_cpu_ms": other_cpu_ms,
+        "ratio": other_ms / result["step_ms"],
+        "ratio_per_round": per_round,
+        "ratio_median_of_rounds": statistics.median(per_round),
+        "cpu_ratio": other_cpu_ms / result["step_cpu_ms"],
+    }
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (other processes sharing the cores), where the OS has one."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 CACHE_HITS = "/jax/compilation_cache/cache_hits"  # jax.monitoring's event for a cache hit
@@ -200,18 +227,42 @@ def compile_cold_and_warm(step, state, batch):
     return compiled, cold, warm if hits else None
 
 
+@dataclasses.dataclass
+class Timings:
+    """Per-step seconds of one framework: wall time, this process's CPU time (user + system,
+    all threads: the work a step costs, which other processes' load barely moves), and the
+    round each step ran in."""
+
+    wall: list[float] = dataclasses.field(default_factory=list)
+    cpu: list[float] = dataclasses.field(default_factory=list)
+    round: list[int] = dataclasses.field(default_factory=list)
+
+    def add(self, step: Callable[[], object], round_index: int) -> None:
+        start, cpu = time.perf_counter(), time.process_time()
+        step()
+        self.wall.append(time.perf_counter() - start)
+        self.cpu.append(time.process_time() - cpu)
+        self.round.append(round_index)
+
+    def round_medians(self) -> list[float]:
+        """Median wall seconds of each round, in order."""
+        rounds = sorted(set(self.round))
+        return [statistics.median(self._in_round(r)) for r in rounds]
+
+    def _in_round(self, r: int) -> list[float]:
+        return [t for t, k in zip(self.wall, self.round, strict=True) if k == r]
+
+
 def _alternate(compiled, state, batch, other, steps: int, warmup: int, rounds: int):
-    """Per-step seconds of the compiled step and of `other` (if any), after `warmup`
-    untimed steps each, in `rounds` alternating rounds (load on a shared machine then falls
-    on both alike)."""
+    """Timings of the compiled step and of `other` (if any), after `warmup` untimed steps
+    each, in `rounds` alternating rounds (load on a shared machine then falls on both
+    alike)."""
     import jax
 
     def jax_step():
         nonlocal state
-        start = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
-        return time.perf_counter() - start
 
     for _ in range(warmup):
         jax_step()
@@ -219,23 +270,26 @@ def _alternate(compiled, state, batch, other, steps: int, warmup: int, rounds: i
             other.step()
     rounds = max(1, rounds if other else 1)
     per_round = max(1, math.ceil(steps / rounds))
-    jax_times, other_times = [], []
-    for _ in range(rounds):
-        jax_times += [jax_step() for _ in range(per_round)]
-        if other:
-            other_times += [other.step() for _ in range(per_round)]
+    jax_times, other_times = Timings(), Timings()
+    for r in range(rounds):
+        for _ in range(per_round):
+            jax_times.add(jax_step, r)
+        for _ in range(per_round if other else 0):
+            other_times.add(other.step, r)
     return jax_times, other_times
 
 
-def _result(trainer, times: list[float], compile_s: tuple, flops: float, peak_tflops: float):
+def _result(trainer, times: Timings, compile_s: tuple, flops: float, peak_tflops: float):
     """The JSON fields; `compile_s`: (cold, warm) seconds, from compile_cold_and_warm."""
     import jax
     import jax.numpy as jnp
 
+    from cnn_jax.models import ops
+
     x, devices = trainer.experiment, trainer.mesh.devices.size
     # The compiled program is per device; the mesh's devices together run one global batch.
     flops_per_image = flops * devices / x.batch_size
-    step_ms, p10, p90 = _median_spread(times)
+    step_ms, p10, p90 = _median_spread(times.wall)
     images_per_sec = x.batch_size / (step_ms / 1e3)
     device = jax.devices()[0]
     half_precision = x.model.dtype == jnp.bfloat16
@@ -249,7 +303,8 @@ def _result(trainer, times: list[float], compile_s: tuple, flops: float, peak_tf
         "images_per_sec": images_per_sec,
         "step_ms": step_ms,
         "step_ms_p10_p90": [p10, p90],
-        "timed_steps": len(times),
+        "step_cpu_ms": statistics.median(times.cpu) * 1e3,
+        "timed_steps": len(times.wall),
         "compile_s": compile_s[0],  # nothing cached: a first run
         "compile_s_warm": compile_s[1],  # from the persistent compilation cache: a rerun
         "flops_per_image": flops_per_image,
@@ -259,6 +314,8 @@ def _result(trainer, times: list[float], compile_s: tuple, flops: float, peak_tf
         "device_kind": device.device_kind,
         "device_count": devices,
         "backend": jax.default_backend(),
+        # The CPU features the kernels and the precision were chosen by (ops.cpu_features).
+        "cpu_flags": sorted(ops.cpu_features() & ops.REPORTED_CPU_FLAGS),
         "dataset": x.source.name,
         "input_images_per_sec": None,
         "input_images_per_cpu_sec": None,

@@ -261,6 +261,16 @@ def checkpoint_directory(path: str) -> str:
     return os.path.abspath(inner if os.path.isdir(inner) else path)
 
 
+def checkpoint_location(path: str) -> tuple[str, int | None]:
+    """(checkpoints folder, step) that `path` names: a workdir or its checkpoints/ folder
+    (step None: the newest), or one checkpoint's own folder, WORKDIR/checkpoints/STEP."""
+    directory = checkpoint_directory(path)
+    name = os.path.basename(directory)
+    if name.isdigit() and os.path.isdir(os.path.join(directory, "state")):  # Checkpointer's item
+        return os.path.dirname(directory), int(name)
+    return directory, None
+
+
 def on_one_device(saved):
     """`select` for read_newest: every array of `saved` onto this machine's first device,
     whatever mesh wrote it (a checkpoint from 8 devices or a TPU slice opens on a laptop)."""
@@ -270,8 +280,8 @@ def on_one_device(saved):
 
 def read_newest(path: str, select, *, flag: str) -> tuple[int, dict]:
     """(step, arrays) read from the newest checkpoint under `path` (a workdir or its
-    checkpoints/ folder), without writing to it: a run still training there keeps its
-    in-flight saves.
+    checkpoints/ folder; or one checkpoint's folder, STEP, for that one: checkpoint_location),
+    without writing to it: a run still training there keeps its in-flight saves.
 
     `select(saved)` gets the saved TrainState as a tree of dicts whose leaves have the arrays'
     `shape` and `dtype`, and returns the part of it to read: a tree of the same nesting with
@@ -280,7 +290,7 @@ def read_newest(path: str, select, *, flag: str) -> tuple[int, dict]:
     with `flag={path}`: UserError when there is no checkpoint, RunFailure when the newest one
     does not restore (a truncated or missing file). `select` may raise its own UserError.
     """
-    directory = checkpoint_directory(path)
+    directory, step_asked = checkpoint_location(path)
     if not os.path.isdir(directory):
         raise UserError(f"{flag}={path}: no checkpoint in {directory} (no such directory)")
     with _quiet():  # orbax logs a WARNING for each option read_only overrides
@@ -292,9 +302,10 @@ def read_newest(path: str, select, *, flag: str) -> tuple[int, dict]:
             options=ocp.CheckpointManagerOptions(read_only=True),
         )
     try:
-        step = manager.latest_step()
-        if step is None:
-            raise UserError(f"{flag}={path}: no checkpoint in {directory}")
+        step = manager.latest_step() if step_asked is None else step_asked
+        if step is None or step not in manager.all_steps():
+            which = "no checkpoint" if step_asked is None else f"no checkpoint of step {step}"
+            raise UserError(f"{flag}={path}: {which} in {directory}")
 
         def unreadable(error: Exception) -> RunFailure:
             return RunFailure(

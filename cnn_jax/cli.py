@@ -50,13 +50,11 @@ def _check_renamed_fields(argv: list[str]) -> None:
 
     for arg in argv[1:]:
         flag = arg.split("=")[0]
-        if flag.startswith("--config.") and flag.count(".") == 1:
+        if flag.startswith("--config."):  # a flat name, or a nested one (eval.dense_scales)
             old = flag.removeprefix("--config.")
             if old in RENAMED:
-                _fail(
-                    f"{flag} is now --config.{RENAMED[old]} (the config's fields are grouped; "
-                    "see cnn_jax/defaults.py)"
-                )
+                why = "renamed" if "." in old else "the config's fields are grouped"
+                _fail(f"{flag} is now --config.{RENAMED[old]} ({why}; see cnn_jax/defaults.py)")
 
 
 def define_config_flag(flag_values: flags.FlagValues, argv: list[str]) -> None:

@@ -23,8 +23,9 @@ import ml_collections
 
 from cnn_jax import models
 
-# The flat field names of cnn_jax before the groups, and where each one went; an old name on
-# the command line is one error line that names the new field (cnn_jax.cli).
+# The flat field names of cnn_jax before the groups, and where each one went (and the fields
+# renamed since); an old name on the command line is one error line that names the new field
+# (cnn_jax.cli).
 RENAMED = {
     "model": "model.name", "vgg_variant": "model.variant", "batch_norm": "model.batch_norm",
     "dropout_rate": "model.dropout_rate", "width_divisor": "model.width_divisor",
@@ -45,13 +46,16 @@ RENAMED = {
     "plateau_min_delta": "optim.plateau_min_delta", "loss": "loss.name",
     "lenet_map_j": "loss.lenet_map_j", "mesh_data": "mesh.data", "mesh_model": "mesh.model",
     "cpu_devices": "mesh.cpu_devices", "spmd": "mesh.spmd", "eval_mode": "eval.evaluators",
-    "eval_scales": "eval.dense_scales", "eval_every_epochs": "eval.every_epochs",
+    "eval_scales": "eval.scales", "eval_every_epochs": "eval.every_epochs",
     "eval_only": "eval.only", "seed": "run.seed", "num_epochs": "run.num_epochs",
     "num_train_steps": "run.num_train_steps", "half_precision": "run.half_precision",
     "log_every_steps": "run.log_every_steps",
     "checkpoint_every_steps": "run.checkpoint_every_steps",
     "keep_checkpoints": "run.keep_checkpoints", "progress_bar": "run.progress_bar",
-    "debug_inject_nan_at_step": "run.debug_inject_nan_at_step",
+    "debug_inject_nan_at_step": "run.debug_inject_nan_at_step", "init_from": "run.init_from",
+    "trainable": "optim.trainable",
+    # Renamed within its group: dense and multi_crop share the test scales.
+    "eval.dense_scales": "eval.scales",
 }  # fmt: skip
 
 
@@ -100,6 +104,12 @@ def _input() -> ml_collections.ConfigDict:
     i.train_scale_max = 512
     # alexnet, vgg: standard deviation of AlexNet's PCA colour shift (Sec. 4.1: 0.1); 0: off.
     i.pca_lighting_std = 0.1
+    # vgg: the mean RGB (0..255) subtracted from every view. Empty: the paper's (Sec. 2.1).
+    # Imported weights were trained with their own mean (torchvision's 255 x (0.485, 0.456,
+    # 0.406)), which an image border's zero padding keeps from folding into conv1's bias: a
+    # run on an imported checkpoint takes it from the checkpoint when this is empty
+    # (cnn_jax.weights, docs/weights.md).
+    i.mean_rgb = ()
     i.cache = True  # keep decoded examples in memory (small datasets).
     i.shuffle_buffer = 0  # 0: the whole (per-process) training split.
     return i
@@ -121,6 +131,11 @@ def _optim() -> ml_collections.ConfigDict:
     o.plateau_patience = 2
     o.plateau_max_drops = 3
     o.plateau_min_delta = 1e-4
+    # What trains: all; classifier (the fully-connected layers at the end: fc6-fc8, LeNet's
+    # F6); last:K (the last K layers with parameters). Fine-tuning a trained net on a small
+    # folder often trains only its classifier: fewer parameters to fit, and the frozen
+    # layers' features are kept (cnn_jax.finetune; the others stay bit-identical).
+    o.trainable = "all"
     # sdlm: per-parameter steps eta / (sdlm_mu + h_kk), h_kk the Gauss-Newton diagonal
     # estimated on sdlm_samples examples before each pass; eta is sdlm_etas[i] for
     # sdlm_eta_passes[i] passes, the last from then on (LeNet-5 App. C); learning_rate,
@@ -160,9 +175,18 @@ def _eval() -> ml_collections.ConfigDict:
     e = ml_collections.ConfigDict()
     # Comma-separated names in cnn_jax.evaluate.EVALUATORS, run at every evaluation; the first
     # is the one the plateau schedule and eval_results.json follow. center: one centre crop;
-    # ten_crop: AlexNet Sec. 4.1; dense: VGG Sec. 3.2, at each of dense_scales.
+    # ten_crop: AlexNet Sec. 4.1; dense, multi_crop, dense_multi_crop: VGG Sec. 3.2 and 4.3,
+    # over the whole image rescaled to each of `scales`.
     e.evaluators = "center"
-    e.dense_scales = (256, 384, 512)  # dense: VGG's test scales Q (quoted at a 224 crop).
+    # dense, multi_crop, dense_multi_crop: the test scales Q, the whole image's shorter side
+    # (quoted at a 224 crop). The paper's for a net trained with S in [256, 512] (Sec. 4.2);
+    # for a fixed S it used (S - 32, S, S + 32).
+    e.scales = (256, 384, 512)
+    # ... and how their batches group images of different shapes: by the longer side at the
+    # largest scale, in steps of this many pixels (a multiple of 32). Each group is one
+    # compiled program; its padding is computed and masked, so the results do not depend on
+    # it. Larger: fewer programs to compile, more padding (docs/data_and_evaluation.md).
+    e.shape_step = 64
     e.every_epochs = 1.0
     # Evaluate the latest checkpoint in workdir, write metrics.jsonl and eval_results.json, stop.
     e.only = False
@@ -186,4 +210,9 @@ def _run() -> ml_collections.ConfigDict:
     # $XDG_CACHE_HOME/cnn_jax/jax (~/.cache/cnn_jax/jax); "off": no cache (cnn_jax.cli).
     r.compilation_cache_dir = ""
     r.debug_inject_nan_at_step = -1  # fault testing: make the loss NaN at this step.
+    # A new run starts from these trained weights: a workdir, its checkpoints/ folder or one
+    # checkpoint's folder (cnn_jax's own, or `python -m cnn_jax.weights import`'s). Every
+    # layer that fits is loaded; fc8 is re-initialised when the class count differs. A run
+    # with checkpoints of its own resumes from them instead (cnn_jax.finetune).
+    r.init_from = ""
     return r

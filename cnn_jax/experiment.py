@@ -19,13 +19,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cnn_jax import evaluate, losses, models, optim, parallel, paths, sdlm, validation
+from cnn_jax import evaluate, finetune, losses, models, optim, parallel, paths, sdlm, validation
 from cnn_jax.data import datasets, pipeline, preprocess
 from cnn_jax.errors import UserError
+from cnn_jax.weights import metadata as weights_metadata
 
 # Config fields (group, field) that name a directory. A shell leaves `~` alone in
 # `--config.data.data_dir=~/x` (after `=`, mid-word), so the run expands it itself.
-PATH_FIELDS = (("data", "data_dir"), ("data", "manual_dir"), ("model", "warm_start_from"))
+PATH_FIELDS = (
+    ("data", "data_dir"),
+    ("data", "manual_dir"),
+    ("model", "warm_start_from"),
+    ("run", "init_from"),
+)
 # The model field that is not the network's: the checkpoint a new run starts from (VGG, Sec. 3.1).
 WARM_START_FIELD = "warm_start_from"
 
@@ -43,6 +49,7 @@ def preprocessing(config) -> preprocess.Preprocessing:
         pca_lighting_std=i.pca_lighting_std,
         train_scale_min=i.train_scale_min,
         train_scale_max=i.train_scale_max,
+        mean_rgb=tuple(i.mean_rgb),
     )
 
 
@@ -61,17 +68,6 @@ def model(config):
     )
 
 
-def _evaluator_names(listed: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in str(listed).split(",") if n.strip())
-    unknown = [n for n in names if n not in evaluate.EVALUATORS]
-    if not names or unknown:
-        raise UserError(
-            f"--config.eval.evaluators={listed!r}: give comma-separated names from: "
-            f"{', '.join(evaluate.EVALUATORS)}"
-        )
-    return names
-
-
 def evaluators(config, model_module, loss) -> tuple[evaluate.Evaluator, ...]:
     """The config's evaluators, unbound (cnn_jax.train binds them to the mesh)."""
     prep = preprocessing(config)
@@ -81,17 +77,21 @@ def evaluators(config, model_module, loss) -> tuple[evaluate.Evaluator, ...]:
             loss=loss,
             prep=prep,
             top5=config.data.num_classes > 5,
-            dense_model=models.spec(config.model.name).dense,
-            dense_scales=tuple(config.eval.dense_scales),
+            scales=tuple(config.eval.scales),
+            shape_step=config.eval.shape_step,
         )
-        for name in _evaluator_names(config.eval.evaluators)
+        for name in evaluate.names(config.eval.evaluators)
     )
 
 
-def resolve(config, num_devices: int, process_count: int = 1) -> ml_collections.ConfigDict:
+def resolve(
+    config, num_devices: int, process_count: int = 1, workdir: str | None = None
+) -> ml_collections.ConfigDict:
     """A copy of config with what depends on the machine and the data filled in: `~` in
     paths expanded, an automatic model axis chosen (mesh.model=0), run.half_precision where
-    unset, data.num_classes the dataset's own. config.json records this copy."""
+    unset, data.num_classes the dataset's own, input.mean_rgb where unset that of the weights
+    the run's checkpoints hold (`workdir`'s) or start from (run.init_from), if they record
+    one. config.json records this copy."""
     c = config.copy_and_resolve_references()
     for group, field in PATH_FIELDS:  # a group without the field (warm_start_from) is skipped
         if c[group].get(field):
@@ -110,7 +110,27 @@ def resolve(config, num_devices: int, process_count: int = 1) -> ml_collections.
         # float32 on CPU, where it only adds conversions (docs/performance.md).
         c.run.half_precision = jax.default_backend() in ("gpu", "tpu")
     c.data.num_classes = source(c).classes
+    _recorded_mean_rgb(c, workdir)
     return c
+
+
+def _recorded_mean_rgb(c, workdir: str | None) -> None:
+    """input.mean_rgb, where the user left it empty, from the checkpoints the run resumes or
+    evaluates (its workdir's) or else starts from (run.init_from): imported weights expect
+    their source's mean (cnn_jax.weights.metadata), and one line says which was taken."""
+    spec = preprocess.PREPROCESSORS.get(c.input.preprocess)
+    if tuple(c.input.mean_rgb) or spec is None or "mean_rgb" not in spec.params:
+        return
+    for path in (workdir, c.run.get("init_from", "")):
+        recorded = weights_metadata.recorded_mean_rgb(path) if path else None
+        if recorded is not None:
+            c.input.mean_rgb, where = recorded
+            if jax.process_index() == 0:
+                print(
+                    f"input: mean RGB {', '.join(f'{v:g}' for v in c.input.mean_rgb)} from "
+                    f"{where}, the weights' own (--config.input.mean_rgb=(R,G,B) overrides)"
+                )
+            return
 
 
 def with_synthetic_data(config) -> ml_collections.ConfigDict:
@@ -158,7 +178,8 @@ class Loop:
     keep_checkpoints: int
     progress_bar: bool
     eval_only: bool
-    warm_start_from: str = ""
+    # The trained weights a new run starts from (run.init_from, or VGG's warm start).
+    init_from: finetune.InitFrom | None = None
 
 
 def _check_run(run, every_epochs: float) -> None:
@@ -194,6 +215,7 @@ class Experiment:
     spmd: str
     loop: Loop
     nan_at_step: int  # fault testing (run.debug_inject_nan_at_step)
+    trainable: finetune.Trainable | None = None  # optim.trainable; None: every layer trains
 
     def train_batches(self, start_step: int):
         return pipeline.train_dataset(
@@ -238,6 +260,8 @@ def build(config, num_devices: int, process_count: int = 1) -> Experiment:
     net = model(config)
     loss = losses.make_loss(config.loss.name, lenet_map_j=config.loss.lenet_map_j)
     evaluators_ = evaluators(config, net, loss)
+    image_shape = (prep.image_size, prep.image_size, channels)
+    init_from, trainable = _fine_tuning(config, net, image_shape)  # before the data opens
     batch_size = config.input.batch_size
     steps_per_epoch = pipeline.steps_per_epoch(src, batch_size)  # opens the dataset
     if steps_per_epoch < 1:
@@ -253,7 +277,7 @@ def build(config, num_devices: int, process_count: int = 1) -> Experiment:
         keep_checkpoints=config.run.keep_checkpoints,
         progress_bar=config.run.progress_bar,
         eval_only=config.eval.only,
-        warm_start_from=config.model.get(WARM_START_FIELD, ""),
+        init_from=init_from,
     )
     return Experiment(
         config=config,
@@ -261,7 +285,7 @@ def build(config, num_devices: int, process_count: int = 1) -> Experiment:
         model_name=config.model.name,
         loss=loss,
         optimizer=optim.make_optimizer(
-            **{k: v for k, v in config.optim.items()},
+            **{**config.optim, "trainable": trainable.mask if trainable else None},
             steps_per_epoch=steps_per_epoch,
             total_steps=total,
             **_sdlm_arguments(config, net, batch_size),
@@ -277,12 +301,38 @@ def build(config, num_devices: int, process_count: int = 1) -> Experiment:
         spmd=config.mesh.spmd,
         loop=loop,
         nan_at_step=config.run.debug_inject_nan_at_step,
+        trainable=trainable,
     )
+
+
+def _fine_tuning(config, net, image_shape):
+    """(init_from, trainable): the trained weights a new run starts from (run.init_from or
+    VGG's warm start), checked against the model and the checkpoint's layers, and the layers
+    that train (optim.trainable), found in the model; (None, None) for a run from scratch
+    that trains everything. Reads no data and compiles nothing."""
+    warm_from, init_path = config.model.get(WARM_START_FIELD, ""), config.run.init_from
+    rule = optim.parse_trainable(config.optim.trainable)
+    if not (warm_from or init_path or rule[0] != "all"):
+        return None, None
+    variables = finetune.abstract_variables(net, image_shape)
+    layers = finetune.model_layers(net, image_shape)
+    init_from = None
+    if warm_from:
+        init_from = finetune.warm_start_selection(warm_from, variables)
+    elif init_path:
+        init_from = finetune.init_from_selection(init_path, layers)
+    if init_from is not None:
+        finetune.check(init_from, variables)
+    trainable = None
+    if rule[0] != "all":
+        trainable = finetune.trainable(config.optim.trainable, rule, layers, variables["params"])
+    return init_from, trainable
 
 
 def _check_before_data(config, num_devices: int, process_count: int) -> None:
     """The checks that need neither the data nor a model: numbers, the mesh, the optimiser,
-    the input pipeline's shuffling, the loop, the warm start's checkpoint directory."""
+    the input pipeline's shuffling, the loop, the directory of the weights a new run starts
+    from (run.init_from, model.warm_start_from)."""
     validation.check_numbers(config)
     validation.check_mesh(
         data=config.mesh.data,
@@ -295,6 +345,18 @@ def _check_before_data(config, num_devices: int, process_count: int) -> None:
     optim.check_fields(**config.optim)
     pipeline.check_shuffle_buffer(config.input.shuffle_buffer)
     _check_run(config.run, config.eval.every_epochs)
+    evaluate.check_names(
+        config.eval.evaluators,
+        dense_model=models.spec(config.model.name).dense,
+        process_count=process_count,
+    )
     warm_start_from = config.model.get(WARM_START_FIELD, "")
     if warm_start_from:
         paths.existing_directory(warm_start_from, f"--config.model.{WARM_START_FIELD}")
+    if config.run.init_from:
+        paths.existing_directory(config.run.init_from, finetune.INIT_FROM_FLAG)
+        if warm_start_from:
+            raise UserError(
+                f"{finetune.INIT_FROM_FLAG} and --config.model.{WARM_START_FIELD} both name "
+                "the weights a new run starts from: give one"
+            )

@@ -9,12 +9,15 @@ stays pure.
 LeNet-5's stochastic diagonal Levenberg-Marquardt (`sdlm`, cnn_jax.sdlm) needs the same: its
 curvature estimate reads data and the model before each pass, so the loop calls the
 optimiser's `before_epoch` hook, which puts the estimate into the optimiser state.
+
+Fine-tuning trains only some parameters (`trainable`, a mask from cnn_jax.finetune): every
+optimiser here is wrapped by `train_only`, which gives the frozen ones no update at all.
 """
 
 import dataclasses
 import itertools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +122,7 @@ class Optimizer:
     schedule: optax.Schedule
     plateau: PlateauRule | None
     before_epoch: Callable | None = None
+    trainable: Any = None  # make_optimizer's mask: None, or False where a parameter is frozen
 
     def learning_rate(self, step: int, opt_state) -> float:
         return float(self.schedule(step) * find_plateau_state(opt_state).factor)
@@ -140,17 +144,22 @@ def make_optimizer(
     plateau_min_delta: float,
     steps_per_epoch: int,
     total_steps: int,
+    trainable=None,
     batch_size: int = 1,
     curvature: Callable | None = None,
     **sdlm_fields,
 ) -> Optimizer:
     """The optimiser of the config's optim group (its fields, as keywords; check_fields
-    checks them, as a run does before it opens the data). `sdlm_fields`, `batch_size` and
-    `curvature` are SDLM's (`_make_sdlm`)."""
+    checks them, as a run does before it opens the data). `trainable`: None (every parameter
+    trains; so does the group's own "all") or a tree of bools shaped like the parameters,
+    False where one is frozen (cnn_jax.finetune.Trainable.mask, from the group's rule).
+    `sdlm_fields`, `batch_size` and `curvature` are SDLM's (`_make_sdlm`)."""
     plateau = plateau_rule(schedule, plateau_patience, plateau_max_drops, plateau_min_delta)
+    trainable = _trainable_mask(trainable)
     if name == "sdlm":
         return _make_sdlm(
             weight_decay=weight_decay,
+            trainable=trainable,
             plateau=plateau,
             steps_per_epoch=steps_per_epoch,
             batch_size=batch_size,
@@ -173,12 +182,63 @@ def make_optimizer(
     else:  # adam
         core = optax.scale_by_adam()
     tx = optax.chain(
-        optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
+        add_decayed_weights(weight_decay, trainable),
         core,
         optax.scale_by_learning_rate(lr),
         scale_by_plateau_factor(),
     )
-    return Optimizer(tx=tx, schedule=lr, plateau=plateau)
+    return Optimizer(
+        tx=train_only(tx, trainable), schedule=lr, plateau=plateau, trainable=trainable
+    )
+
+
+def _trainable_mask(trainable):
+    """make_optimizer's `trainable`: a mask, None, or the rule "all" (the group's default)."""
+    if not isinstance(trainable, str):
+        return trainable
+    if parse_trainable(trainable)[0] != "all":
+        raise ValueError(f"trainable={trainable!r}: give its mask (cnn_jax.finetune.trainable)")
+    return None
+
+
+def train_only(tx: optax.GradientTransformation, trainable) -> optax.GradientTransformation:
+    """`tx` for the parameters `trainable` marks (None: all): a frozen one gets a zero gradient
+    in and a zero update out, so it stays as it is under momentum and weight decay (which
+    add_decayed_weights leaves off it), and its momentum or Adam moments stay zero.
+
+    Not optax.masked or multi_transform: their state holds entries shaped by the mask
+    (MaskedNode), so a checkpoint would restore only under the same `trainable`, and
+    optax.tree_map_params (cnn_jax.train.state_specs) cannot map multi_transform's. This
+    state is `tx`'s own whatever is frozen: a run can train its classifier, then resume with
+    every layer training, its new layers' momentum starting from zero."""
+    if trainable is None:
+        return tx
+
+    def frozen_to_zero(tree):
+        return jax.tree.map(lambda x, trains: x if trains else jnp.zeros_like(x), tree, trainable)
+
+    def update(updates, state, params=None):
+        updates, state = tx.update(frozen_to_zero(updates), state, params)
+        return frozen_to_zero(updates), state
+
+    return optax.GradientTransformation(tx.init, update)
+
+
+def add_decayed_weights(weight_decay: float, trainable) -> optax.GradientTransformation:
+    """optax.add_decayed_weights on the parameters `trainable` marks (None: all), with the
+    same (empty) state, so a checkpoint does not depend on which parameters train."""
+    if not weight_decay:
+        return optax.identity()
+    decay = optax.add_decayed_weights(weight_decay)
+    if trainable is None:
+        return decay
+
+    def update(updates, state, params=None):
+        decayed, state = decay.update(updates, state, params)
+        keep = lambda d, u, trains: d if trains else u
+        return jax.tree.map(keep, decayed, updates, trainable), state
+
+    return optax.GradientTransformation(decay.init, update)
 
 
 def plateau_rule(schedule: str, patience: int, max_drops: int, min_delta: float):
@@ -188,6 +248,7 @@ def plateau_rule(schedule: str, patience: int, max_drops: int, min_delta: float)
 def _make_sdlm(
     *,
     weight_decay,
+    trainable,
     plateau,
     steps_per_epoch,
     batch_size,
@@ -207,14 +268,20 @@ def _make_sdlm(
         raise ValueError("make_optimizer('sdlm') needs curvature= (sdlm.make_curvature)")
     eta = sdlm.paper_schedule(tuple(etas), tuple(eta_passes), steps_per_epoch)
     tx = optax.chain(
-        optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
+        add_decayed_weights(weight_decay, trainable),
         sdlm.scale_by_sdlm(mu),
         optax.scale_by_learning_rate(eta),
         scale_by_plateau_factor(),
     )
     every = min(every_steps, steps_per_epoch) if every_steps > 0 else steps_per_epoch
     hook = sdlm.EpochEstimate(curvature, samples, batch_size, every_steps=every)
-    return Optimizer(tx=tx, schedule=eta, plateau=plateau, before_epoch=hook)
+    return Optimizer(
+        tx=train_only(tx, trainable),
+        schedule=eta,
+        plateau=plateau,
+        before_epoch=hook,
+        trainable=trainable,
+    )
 
 
 NAMES = ("sgd", "adam", "sdlm")
@@ -235,6 +302,7 @@ def check_fields(
     plateau_patience: int,
     plateau_max_drops: int,
     plateau_min_delta: float,
+    trainable: str = "all",
     sdlm_mu: float = 0.02,
     sdlm_samples: int = 500,
     sdlm_every_steps: int = 0,
@@ -245,6 +313,7 @@ def check_fields(
     (make_optimizer checks them too; a run checks them before it opens the data.)"""
     del nesterov  # any bool
     _check_choices(name, schedule, step_epochs)
+    parse_trainable(trainable)
     _check_ranges(
         sdlm_mu=(sdlm_mu, ">0"),
         sdlm_samples=(sdlm_samples, ">=1"),
@@ -276,6 +345,24 @@ def _check_choices(name: str, schedule: str, step_epochs) -> None:
             f"--config.optim.step_epochs={epochs} must be non-negative and increasing (the "
             "epochs at which the learning rate is multiplied by step_factor)"
         )
+
+
+TRAINABLE = ("all", "classifier", "last:K")
+
+
+def parse_trainable(rule: str) -> tuple[str, int]:
+    """("all", 0), ("classifier", 0) or ("last", K) from the optim group's `trainable`: all,
+    classifier (the fully-connected layers at the end) or last:K (the last K layers with
+    parameters); cnn_jax.finetune finds those layers in the model."""
+    text = str(rule).strip()
+    if text in ("all", "classifier"):
+        return text, 0
+    kind, _, count = text.partition(":")
+    if kind == "last" and count.strip().isdigit() and int(count) >= 1:
+        return "last", int(count)
+    raise UserError(
+        f"--config.optim.trainable={rule!r} is not one of: {', '.join(TRAINABLE)} (K >= 1)"
+    )
 
 
 _RANGES = {

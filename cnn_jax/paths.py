@@ -24,13 +24,14 @@ CONFIG_FILE = "config.json"  # the resolved config of the latest run (cnn_jax.ch
 METRICS_FILE = "metrics.jsonl"  # one JSON record per line (cnn_jax.reporting)
 EVAL_RESULTS_FILE = "eval_results.json"  # an eval-only run's results (cnn_jax.evaluate)
 LOCK_FILE = ".lock"  # held while a run uses the workdir (acquire_lock)
+IMPORTED_WEIGHTS_FILE = "imported_weights.json"  # what cnn_jax.weights imported and folded
 CHECKPOINTS_DIR = "checkpoints"  # Orbax checkpoints, one folder per step
 CORRUPT_DIR = "corrupt_checkpoints"  # checkpoints that did not restore, moved here
 TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files
 # By kind. An entry of the other kind would fail deep in the run: a file where the
 # checkpoints folder goes lets a run train, then hang at its first save.
 WORKDIR_DIRECTORIES = (CHECKPOINTS_DIR, CORRUPT_DIR, TENSORBOARD_DIR)
-WORKDIR_FILES = (CONFIG_FILE, METRICS_FILE, EVAL_RESULTS_FILE, LOCK_FILE)
+WORKDIR_FILES = (CONFIG_FILE, METRICS_FILE, EVAL_RESULTS_FILE, LOCK_FILE, IMPORTED_WEIGHTS_FILE)
 
 
 def checkpoints_dir(workdir: str) -> str:

@@ -84,8 +84,12 @@ def summarize(config: ml_collections.ConfigDict) -> Summary:
     model = experiment.model(config)  # checks the input size and class count for the model
     prep = experiment.preprocessing(config)
     channels = pipeline.input_channels(experiment.source(config), prep)
-    image_shape = (prep.image_size, prep.image_size, channels)
+    return summarize_model(model, (prep.image_size, prep.image_size, channels))
 
+
+def summarize_model(model: nn.Module, image_shape: tuple[int, ...]) -> Summary:
+    """The per-layer summary of a built `model` for one image of `image_shape` (H, W, C); its
+    rows are in the order the forward pass calls them (cnn_jax.finetune counts layers so)."""
     rows: list[Row] = []
     stack: list[dict] = []  # module calls in progress, innermost last
 

@@ -26,13 +26,13 @@ from cnn_jax import (
     divergence,
     errors,
     evaluate,
+    finetune,
     losses,
     models,
     parallel,
     paths,
     reporting,
     validation,
-    warm_start,
 )
 from cnn_jax import experiment as experiment_lib
 from cnn_jax.data import pipeline
@@ -49,7 +49,9 @@ class TrainState:
     rng: jax.Array  # base key; each step folds in its step number (no hidden RNG state)
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, loss, nan_at_step: int = -1):
+def train_step(
+    state: TrainState, batch: dict, *, model, tx, loss, nan_at_step: int = -1, trainable=None
+):
     """One SGD step on this device's part of the global batch -> (state, metrics).
 
     Parameters arrive replicated (unvarying over 'data'). They are cast to varying first so
@@ -59,6 +61,11 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss, nan_at_step: 
     Over 'model' (AlexNet's towers, each device holding its tower's parameters) nothing more
     is needed: the model's all-gather before its classifier is invariant, so the scores and
     the loss are one replicated computation whose gradient reaches each tower once.
+
+    `trainable` (fine-tuning: the optimiser's mask, False where a parameter is frozen): frozen
+    layers are fixed functions (finetune.frozen_batch_norms), their gradients are not averaged
+    (nothing uses them, so XLA does not compute them), and their variables come out as they
+    went in, bit for bit (finetune.keep_frozen).
     """
     step_rng = jax.random.fold_in(
         jax.random.fold_in(state.rng, state.step), lax.axis_index(DATA_AXIS)
@@ -79,11 +86,16 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss, nan_at_step: 
         return value, (scores, new_vars)
 
     varying = jax.tree.map(lambda p: lax.pcast(p, DATA_AXIS, to="varying"), state.params)
-    (value, (scores, new_vars)), grads = jax.value_and_grad(objective, has_aux=True)(varying)
+    with finetune.frozen_batch_norms(trainable):
+        (value, (scores, new_vars)), grads = jax.value_and_grad(objective, has_aux=True)(varying)
+    if trainable is not None:
+        grads = jax.tree.map(lambda g, t: g if t else jnp.zeros(g.shape, g.dtype), grads, trainable)
     grads = lax.pmean(grads, DATA_AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     batch_stats = lax.pmean(new_vars["batch_stats"], DATA_AXIS) if has_stats else {}
+    params = finetune.keep_frozen(params, state.params, trainable)
+    batch_stats = finetune.keep_frozen(batch_stats, state.batch_stats, trainable)
 
     metrics = {
         "loss": lax.pmean(value, DATA_AXIS),
@@ -186,7 +198,12 @@ class Trainer:
     def train_step(self):
         x = self.experiment
         step = functools.partial(
-            train_step, model=self.model, tx=self.tx, loss=x.loss, nan_at_step=x.nan_at_step
+            train_step,
+            model=self.model,
+            tx=self.tx,
+            loss=x.loss,
+            nan_at_step=x.nan_at_step,
+            trainable=x.optimizer.trainable,
         )
         batch_spec = {"image": P(DATA_AXIS), "label": P(DATA_AXIS)}
         in_specs, out_specs = (self._specs, batch_spec), (self._specs, P())
@@ -213,17 +230,19 @@ class Trainer:
         return [(e.name, e.run(state)) for e in self.evaluators]
 
 
-def build_trainer(config: ml_collections.ConfigDict) -> Trainer:
+def build_trainer(config: ml_collections.ConfigDict, workdir: str | None = None) -> Trainer:
     """The Trainer of a user's config on this machine's devices (resolved, built, checked),
-    printing the one-line notes a run gives about its mesh and its images' channels."""
+    printing the one-line notes a run gives about its mesh and its images' channels.
+    `workdir`: the run's, whose checkpoints may record the mean RGB they expect."""
     devices, processes = jax.device_count(), jax.process_count()
-    resolved = experiment_lib.resolve(config, devices, processes)
+    resolved = experiment_lib.resolve(config, devices, processes, workdir=workdir)
     built = experiment_lib.build(resolved, devices, processes)
     cli.keep_cache_only_if_it_reloads()  # checked: from here on, compiling is allowed
     if jax.process_index() == 0:
         for note in (
             experiment_lib.mesh_notice(built.model_name, built.mesh_shape[1], devices),
             pipeline.channel_note(built.source, built.prep),  # grey -> RGB, RGB -> luminance
+            built.trainable and built.trainable.note(),  # fine-tuning: what trains
         ):
             if note:
                 print(note)
@@ -240,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     run on it is refused (cnn_jax.paths).
     """
     with paths.locked_workdir(workdir) as workdir:  # before anything compiles
-        trainer = build_trainer(config)
+        trainer = build_trainer(config, workdir)
         loop = trainer.experiment.loop
         ckpt = checkpoint.Checkpointer(
             paths.checkpoints_dir(workdir),
@@ -282,20 +301,24 @@ def _evaluate_checkpoint(trainer: Trainer, ckpt: checkpoint.Checkpointer, workdi
         "dataset": x.source.name,
         "evaluators": [name for name, _ in results],
         "num_examples": x.source.num_examples("eval"),
+        **evaluate.settings(trainer.evaluators),
     }
     evaluate.write_eval_results(workdir, step, results[0][1], facts)
     return state
 
 
 def _start_state(trainer: Trainer, ckpt: checkpoint.Checkpointer) -> tuple[TrainState, bool]:
-    """The newest good checkpoint's state, or a new one (warm-started where asked)."""
+    """The newest good checkpoint's state, or a new one: from trained weights where asked
+    (run.init_from, VGG's warm start), which a run that has checkpoints never reads again."""
     fresh = trainer.init_state()
     restored = ckpt.restore_newest(fresh)
     if restored is not None:
         return restored, True
-    warm_from = trainer.experiment.loop.warm_start_from
-    if warm_from:  # a new run: VGG's warm start (Sec. 3.1)
-        fresh = warm_start.warm_start(fresh, warm_from)
+    init_from = trainer.experiment.loop.init_from
+    if init_from is not None:
+        fresh, note = finetune.start_from(fresh, init_from)
+        if jax.process_index() == 0:
+            print(note)
     return fresh, False
 
 

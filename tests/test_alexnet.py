@@ -167,19 +167,56 @@ def test_towers_talk_only_at_conv3_and_the_fc_layers():
             np.testing.assert_array_equal(tower1_after, tower1_before, err_msg=layer)
 
 
-def test_initialisation_is_the_papers():
-    """N(0, 0.01) weights; biases 1 in conv2, conv4, conv5, fc6, fc7 and 0 elsewhere (Sec. 5)."""
-    model = alexnet.AlexNet(num_classes=10, width_divisor=2)
-    # An "rbg" key: the same initialisers, but random bits that compile in a fraction of
-    # threefry's time on a CPU.
+# Per init (config.model.init): the weight std of each layer (None: He's sqrt(2 / fan_in),
+# fan_in from the kernel's shape) and the bias of conv2/4/5, fc6/fc7 (0 in conv1/3, fc8).
+POSITIVE_BIAS_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
+INITS = {
+    "paper": ({}, 0.01, 1.0),  # Sec. 5
+    "caffe": ({"fc6": 0.005, "fc7": 0.005}, 0.01, 0.1),  # bvlc_alexnet train_val.prototxt
+    "he": ({}, None, 0.0),  # He et al. 2015, Sec. 2.2
+}
+
+
+@pytest.fixture(scope="module")
+def initialised():
+    """The parameters of a width/4 AlexNet at 64x64 under every init, from one compilation.
+    An "rbg" key: the same initialisers, but random bits that compile in a fraction of
+    threefry's time on a CPU."""
+    nets = {init: _build(width_divisor=4, init=init) for init in INITS}
     key = jax.random.key(0, impl="rbg")
-    params = jax.jit(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3)), train=False))(key)
-    params = params["params"]
-    for name, layer in params.items():
-        expected_bias = 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
-        np.testing.assert_array_equal(layer["bias"], expected_bias, err_msg=name)
-        kernel = np.asarray(layer["kernel"])
-        assert abs(kernel.std() - 0.01) < 0.001 and abs(kernel.mean()) < 0.001, name
+    x = jnp.zeros((1, 64, 64, 3))
+    init_all = lambda k: {i: n.init(k, x, train=False)["params"] for i, n in nets.items()}
+    return jax.jit(init_all)(key)
+
+
+@pytest.mark.parametrize("init", list(INITS))
+def test_each_initialisation_draws_its_layer_statistics(initialised, init):
+    """Zero-mean Gaussian weights of each layer's std (within 5%, on >= 8,000 draws a layer)
+    and exactly the init's constant biases."""
+    own_std, std, positive_bias = INITS[init]
+    for name, layer in initialised[init].items():
+        kernel = np.asarray(layer["kernel"], np.float64)
+        fan_in = int(np.prod(kernel.shape[:-1]))  # conv2/4/5: their own tower's maps
+        expected = own_std.get(name, std) or np.sqrt(2.0 / fan_in)
+        assert kernel.std() == pytest.approx(expected, rel=0.05), name
+        assert abs(kernel.mean()) < 0.05 * expected, name
+        bias = positive_bias if name in POSITIVE_BIAS_LAYERS else 0.0
+        np.testing.assert_array_equal(layer["bias"], np.float32(bias), err_msg=name)
+
+
+def test_he_fan_in_at_full_width_is_what_each_unit_reads():
+    """At the paper's widths a unit of conv2/4/5 reads only its tower's maps (5x5x48 = 1,200
+    inputs for conv2), conv3 both towers' (3x3x256): He's std is sqrt(2 / that). The layers'
+    kernels drawn alone, from the full-size shapes."""
+    shapes = jax.eval_shape(
+        lambda: alexnet.AlexNet().init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False)
+    )["params"]
+    fan_ins = {"conv2": 5 * 5 * 48, "conv3": 3 * 3 * 256, "conv4": 3 * 3 * 192, "conv5": 1728}
+    he = alexnet.INITIALISATIONS["he"]
+    key = jax.random.key(1, impl="rbg")
+    for name, fan_in in fan_ins.items():
+        kernel = np.asarray(he.kernel_init(name)(key, shapes[name]["kernel"].shape))
+        assert kernel.std() == pytest.approx(np.sqrt(2.0 / fan_in), rel=0.02), name
 
 
 def test_dropout_only_in_training_and_half_precision_computes_in_bfloat16():
@@ -263,6 +300,7 @@ def test_the_model_rejects_its_own_bad_arguments_in_one_line():
         (lambda: models.check_input("alexnet", 63, 10), "image_size=63 is too small for alexnet"),
         (lambda: _build(model_axis=4), "--config.mesh.model=4: alexnet cannot be split"),
         (lambda: _build(width_divisor=3), "--config.model.width_divisor=3 is not one of: 1, 2,"),
+        (lambda: _build(init="xavier"), "--config.model.init='xavier' is not one of: paper,"),
         (lambda: _build(variant="D"), "--config.model.variant: alexnet has no such field"),
         (lambda: _build("alexnet_single_tower", model_axis=2), "alexnet_single_tower cannot"),
     ]
@@ -293,6 +331,7 @@ def test_registry_splits_the_towers_only_on_a_model_axis_of_two():
         "name": "alexnet",
         "dropout_rate": 0.5,
         "width_divisor": 1,
+        "init": "paper",
     }
     _check(_config(**{"mesh.model": 2}), num_devices=8)  # 4x2 is fine
 
@@ -321,6 +360,7 @@ def test_config_is_the_papers_recipe():
     )
     assert (c.optim.learning_rate, c.optim.schedule, c.run.num_epochs) == (0.01, "plateau", 90.0)
     assert c.model.dropout_rate == 0.5 and c.input.preprocess == "alexnet"
+    assert c.model.init == "paper"  # Sec. 5, for ImageNet
     single = _load_config("single_tower")
     assert single.model.name == "alexnet_single_tower"
     single.data.name = "synthetic"

@@ -280,41 +280,6 @@ def test_ten_crop_step_averages_the_softmax_of_the_ten_views():
     assert "top5_accuracy" in got
 
 
-def test_dense_eval_at_256_and_384_averages_scales_and_mirrors():
-    model = _Scores()
-    dense = evaluate.Dense(model=model, loss=None, prep=_prep("vgg", 224), top5=True,
-                           dense_model=True, dense_scales=(256, 384))  # fmt: skip
-    assert dense.views == {"image_q256": 256, "image_q384": 384}
-    views = dense.prep.views(tf.constant(_rgb(300, 400)), dense.views)
-    assert {k: tuple(v.shape) for k, v in views.items()} == {
-        "image_q256": (256, 256, 3),
-        "image_q384": (384, 384, 3),
-    }
-
-    rng = np.random.RandomState(1)
-    batch = {
-        "image_q256": rng.normal(size=(8, 256, 256, 3)).astype(np.float32),
-        "image_q384": rng.normal(size=(8, 384, 384, 3)).astype(np.float32),
-        "label": np.arange(8, dtype=np.int32) % 7,
-        "mask": np.ones(8, np.float32),
-    }
-    params = model.init(jax.random.key(2), batch["image_q256"][:1], dense=True)["params"]
-    got = _run_step(dense, params, batch)
-
-    def posterior(x):
-        return jax.nn.softmax(model.apply({"params": params}, x, dense=True))
-
-    per_scale = [
-        (posterior(batch[k]) + posterior(batch[k][:, :, ::-1])) / 2
-        for k in ("image_q256", "image_q384")
-    ]
-    want = _expected_sums(np.mean(per_scale, 0), batch["label"], batch["mask"])
-    for k, v in want.items():
-        np.testing.assert_allclose(got[k], v, rtol=1e-4)
-    # ... and the average is not just one of the scales
-    assert not np.allclose(per_scale[0], per_scale[1], atol=1e-3)
-
-
 def test_evaluators_are_checked_before_anything_compiles():
     synthetic = {"name": "synthetic"}
     with pytest.raises(UserError, match="evaluators=dense needs a model"):

@@ -468,7 +468,8 @@ def _no_compiles():
     compiles = []
 
     def on_event(event, secs, **kwargs):
-        if "compile" in event:
+        # Tracing (jax.eval_shape of a model, for its layers' shapes) is not compiling.
+        if "compile" in event and "jaxpr_trace" not in event:
             compiles.append(event)
 
     jax.monitoring.register_event_duration_secs_listener(on_event)

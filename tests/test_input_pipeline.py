@@ -129,7 +129,9 @@ def test_a_jpeg_is_decoded_only_where_its_patch_lies(monkeypatch):
     500/341 source pixels), central square at column 42, its centre patch at rescaled (16, 58).
     Samples run from (16.5 * 1.4648, 58.5 * 1.4663) = (24.17, 85.78) to 223 steps further,
     (350.83, 412.76); each reads sources within its triangle's half-width (the step) less 0.5,
-    and one pixel more on each side: rows 21 .. 353, columns 82 .. 415, 59% of the image."""
+    and one pixel more on each side: rows 21 .. 353, columns 82 .. 415, 59% of the image. The
+    decoded window starts at column 80, the 16-pixel iMCU boundary where libjpeg-turbo starts
+    decoding a cropped row anyway (preprocess._JPEG_IMCU_WIDTH)."""
     windows = []
     decode_and_crop = tf.image.decode_and_crop_jpeg
 
@@ -140,7 +142,7 @@ def test_a_jpeg_is_decoded_only_where_its_patch_lies(monkeypatch):
     monkeypatch.setattr(tf.image, "decode_and_crop_jpeg", recording)
     prep = Preprocessing("alexnet", 224)
     prep.center(tf.constant(SOURCES["jpeg_500x375"]))
-    assert windows == [[21, 82, 333, 334]]
+    assert windows == [[21, 80, 333, 336]]
     prep.center(tf.constant(SOURCES["png_330x260"]))
     assert len(windows) == 1  # a PNG is decoded whole
 

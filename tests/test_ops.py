@@ -28,6 +28,10 @@ CONVS = {
         1,
     ),
     "strided, many maps": ((2, 9, 9, 20), (3, 3, 20, 24), (2, 2), "SAME", 1),
+    # Maps of 28x28 and more (VGG): the kernel gradient as one matmul per kernel tap.
+    "28x28 map, many maps (VGG)": ((1, 28, 28, 20), (3, 3, 20, 24), (1, 1), "SAME", 1),
+    "28x28 map, 1x1 kernel (VGG-C)": ((1, 28, 28, 20), (1, 1, 20, 24), (1, 1), "VALID", 1),
+    "28x28 map, uneven padding": ((1, 27, 28, 20), (3, 3, 20, 24), (1, 1), [(2, 1), (0, 2)], 1),
 }
 
 
@@ -49,6 +53,17 @@ def test_conv_matches_lax_in_value_and_gradients(name):
     for a, b in ((y0, y1), (dx0, dx1), (dk0, dk1)):
         assert a.shape == b.shape
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(jnp.abs(a).max()))
+
+
+def test_kernel_gradient_by_taps_only_at_stride_one_on_large_maps():
+    """The cases above that must take the per-tap kernel gradient do, and AlexNet's maps
+    (13x13, 27x27) and strided convolutions keep XLA's own."""
+    at = lambda side, strides=(1, 1), pads=((1, 1), (1, 1)): ops._use_tap_kernel_gradient(
+        jnp.zeros((1, side, side, 4)), strides, pads
+    )
+    assert at(28) and at(224)
+    assert not at(27) and not at(13) and not at(56, strides=(2, 2))
+    assert not at(28, pads=((-1, 0), (0, 0)))
 
 
 def test_conv_in_bfloat16_returns_bfloat16():

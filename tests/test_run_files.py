@@ -145,13 +145,13 @@ def _checkpoint_without_arrays(directory):
 def test_a_warm_start_checkpoint_that_does_not_restore_is_one_line(tmp_path):
     import jax
 
-    from cnn_jax import warm_start
+    from cnn_jax import finetune
     from cnn_jax.errors import RunFailure
 
     directory = tmp_path / "vgg_a" / "checkpoints"
     like = jax.tree.map(jax.numpy.asarray, _checkpoint_without_arrays(directory))
     with pytest.raises(RunFailure) as failure:
-        warm_start.load_layers(str(tmp_path / "vgg_a"), like)
+        finetune.load_layers(str(tmp_path / "vgg_a"), like)
     message = str(failure.value)
     assert message.startswith(
         f"--config.model.warm_start_from={tmp_path / 'vgg_a'}: the checkpoint of step 1 in "

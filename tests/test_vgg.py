@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_jax import checkpoint, models, summary, warm_start
+from cnn_jax import checkpoint, finetune, models, summary
 from cnn_jax.errors import UserError
 from cnn_jax.models import layers, vgg
 from cnn_jax.train import TrainState
@@ -238,6 +238,23 @@ def test_config_is_the_papers_recipe():
     assert _load_config().model.variant == "D"
 
 
+def test_digits_configs_keep_the_variant_and_subtract_the_training_mean():
+    """configs/vgg.py:<variant>_digits is that Table 1 column on the bundled digits, with the
+    paper's optimiser and regularisation, and the mean of the digits' training split (Sec. 2.1)."""
+    from cnn_jax.data import bundled_digits
+
+    letters = {n: _load_config(f"{n}_digits").model.variant for n in ("A", "a-lrn", "vgg16")}
+    assert letters == {"A": "A", "a-lrn": "A-LRN", "vgg16": "D"}
+    c = _load_config("A_digits")
+    assert (c.data.name, c.input.image_size, c.model.width_divisor) == ("bundled_digits", 64, 8)
+    assert (c.optim.momentum, c.optim.weight_decay, c.model.dropout_rate) == (0.9, 5e-4, 0.5)
+    images, labels = bundled_digits.load_arrays()
+    train_mean = images[bundled_digits.split_indices(labels)["train"]].mean()
+    assert c.input.mean_rgb == (pytest.approx(train_mean, abs=0.01),) * 3
+    with pytest.raises(UserError, match="unknown VGG configuration 'F'"):
+        _load_config("F_digits")
+
+
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_cpu_kernels_match_flax_in_value_and_gradients(batch_norm):
     """VGG built from the CPU kernel set (layers.Conv, ops.dot_general, ops.max_pool) has the
@@ -291,9 +308,9 @@ def test_warm_start_copies_exactly_the_layers_the_paper_names(tmp_path, target):
         ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=1, async_save=False)
         ckpt.save(5, _state(source["params"]))
         ckpt.close()
-        started = warm_start.warm_start(_state(fresh["params"]), str(tmp_path)).params
+        started = finetune.warm_start(_state(fresh["params"]), str(tmp_path)).params
     else:
-        started = warm_start.copy_layers(fresh, source)["params"]
+        started = finetune.copy_layers(fresh, source)["params"]
 
     for parent, children in fresh["params"].items():
         for name in children:
@@ -309,10 +326,10 @@ def test_warm_start_rejects_a_checkpoint_that_does_not_fit():
     source, _ = _init(vgg.VGG(variant="A", num_classes=5, width_divisor=16), 32)
     fresh, _ = _init(_small("D"), 32)
     with pytest.raises(UserError, match="classifier/fc8"):
-        warm_start.copy_layers(fresh, source)
+        finetune.copy_layers(fresh, source)
     bn, _ = _init(_small("D", batch_norm=True), 32)
     with pytest.raises(UserError, match="conv1_1"):
-        warm_start.copy_layers(bn, source)
+        finetune.copy_layers(bn, source)
 
 
 def test_warm_start_is_vgg_s_field_alone(tmp_path):

@@ -45,8 +45,8 @@ _PARTIAL_MARK = ".cnn_jax_cache_partial"
 def cache_side(prep, view_sides: dict) -> int:
     """The largest shorter side any view rescales to: training's (AlexNet's 256, VGG's
     train_scale_max) and evaluation's (`view_sides`: eval batch key -> square side, None for
-    the centre view at image_size), scaled to image_size. A cache at a smaller side would make
-    those views from upsampled pixels."""
+    the centre view at image_size, or a preprocess.WholeImage), scaled to image_size. A cache
+    at a smaller side would make those views from upsampled pixels."""
     if not prep.spec.cacheable:
         from cnn_jax.data import preprocess
 
@@ -55,7 +55,9 @@ def cache_side(prep, view_sides: dict) -> int:
             f"--config.input.preprocess={prep.name} takes whole images, not patches of a "
             f"rescaled one: a cache serves {' and '.join(cacheable)} only"
         )
-    sides = [prep.image_size if side is None else side for side in view_sides.values()]
+    from cnn_jax.data import preprocess
+
+    sides = [preprocess.view_side(view, prep.image_size) for view in view_sides.values()]
     return max(prep.largest_train_side, *sides)
 
 

@@ -205,6 +205,16 @@ class Source:
     def _split_name(self, split: str) -> str:
         return self.spec.train_split if split == "train" else self.spec.eval_split
 
+    def example_names(self, split: str) -> list[str]:
+        """What identifies each example of the whole `split`, in its fixed order (the order
+        process_examples' shares follow, process 0's first): an image folder's file paths;
+        elsewhere "SPLIT[i]", the TFDS split and the example's index in it
+        (`tfds.load(name, split="test[17:18]")` reads "test[17]")."""
+        if self.name == "image_folder":
+            return list(image_folder.file_paths(self._root, split))
+        name = self._split_name(split)
+        return [f"{name}[{i}]" for i in range(self.num_examples(split))]
+
     def process_examples(self, split: str) -> tf.data.Dataset:
         """This process's shard of `split` ('train' or 'eval') as image / int32 label dicts, in
         a fixed order (shuffling is the pipeline's job, seeded per epoch). The image is uint8

@@ -217,6 +217,12 @@ def num_examples(root: str, split: str) -> int:
     return len(_scanned(root, split).paths)
 
 
+def file_paths(root: str, split: str) -> tuple[str, ...]:
+    """The readable files of the whole split in their fixed order: example i is file i
+    (process_examples hands each process a contiguous run of them)."""
+    return _scanned(root, split).paths
+
+
 def process_examples(root: str, split: str) -> tf.data.Dataset:
     """This process's share of `split` as {'image': encoded bytes, 'label': int32}."""
     scanned = _scanned(root, split)

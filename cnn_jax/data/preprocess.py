@@ -31,8 +31,9 @@ and no full-size rescaled image is made. The views equal rescale-then-crop
 (PreprocessSpec.reference, same seeds) to float rounding; docs/input_pipeline.md has the
 geometry and the rates.
 
-Evaluation views beyond the centre crop (AlexNet's ten crops, VGG's dense multi-scale) need
-the whole rescaled square, not one crop: `Preprocessing.square` makes those.
+Evaluation views beyond the centre crop need more than one crop: AlexNet's ten crops the
+rescaled square (`Preprocessing.square`), VGG's dense and multi-crop evaluation the whole
+rescaled image at each test scale (`WholeImage` views, `Preprocessing.whole_images`).
 """
 
 import dataclasses
@@ -106,6 +107,18 @@ def decoded(image, channels: int | None = None):
     return with_channels(image, channels)
 
 
+def source_size(image):
+    """[height, width] (int32) of an image: read from a JPEG's header without decoding it,
+    decoded for other files (PNG), the shape of an already-decoded image."""
+    if image.dtype != tf.string:
+        return tf.shape(image)[:2]
+    return tf.cond(
+        tf.io.is_jpeg(image),
+        lambda: tf.image.extract_jpeg_shape(image)[:2],
+        lambda: tf.shape(tf.io.decode_image(image, channels=3, expand_animations=False))[:2],
+    )
+
+
 def luminance(image):
     """uint8 [H, W, 3] -> its BT.601 luma, rounded: uint8 [H, W, 1]."""
     luma = tf.reduce_sum(tf.cast(image, tf.float32) * LUMA_WEIGHTS, axis=-1, keepdims=True)
@@ -175,11 +188,6 @@ def random_crop_and_flip(image, size: int, seed):
 # bytes) and resampled, at the same sample positions with the same weights, so the patch
 # equals resize-then-crop to float rounding (tests/test_input_pipeline.py).
 
-# Output rows resampled together by one small matrix product (see _resample): of 4, 8, 16,
-# 32 and 56, 16 gives the most images per CPU-second with TensorFlow's Eigen matmul (cnn_jax
-# turns oneDNN off).
-_RESAMPLE_BLOCK = 16
-
 
 def _crop_offset(extent_hw, size: int, seed):
     """The top-left corner of a random size x size patch of an extent_hw region: the draw
@@ -205,73 +213,94 @@ def patch_window(hw, new_hw, top_left, size: int):
     return tf.concat([low, high - low], 0), first - tf.cast(low, tf.float32), step
 
 
-def _axis_weights(size: int, n, first, step):
-    """Resampling along one axis of n source pixels to `size` samples at first + r * step
-    (step < 0: mirrored), in blocks of _RESAMPLE_BLOCK samples: (weights [blocks, block,
-    span], float32; the source index each weight column reads, [blocks, span], int32)."""
-    blocks = -(-size // _RESAMPLE_BLOCK)
-    half_width = tf.maximum(tf.abs(step), 1.0)
-    x = first + tf.range(blocks * _RESAMPLE_BLOCK, dtype=tf.float32) * step
+def _tap_weights(size: int, n, first, step):
+    """Resampling along both axes, rows and columns, of n ([2]) source pixels to `size`
+    samples at first + r * step (step < 0: mirrored; all [2]): the taps of each sample, the
+    source pixels under its triangle (weights [2, size, 1, taps], float32; their source
+    indices [2, size, taps], int32). Both axes at once: these are a few dozen tiny ops,
+    whose overhead, not their arithmetic, is their cost."""
+    half_width = tf.maximum(tf.abs(step), 1.0)[:, None]
+    x = first[:, None] + tf.range(size, dtype=tf.float32) * step[:, None]  # [2, size]
     # ScaleAndTranslate's support of each sample and triangle weights, exactly.
-    top = tf.cast(n - 1, tf.float32)
+    top = tf.cast(n - 1, tf.float32)[:, None]
     start = tf.clip_by_value(tf.math.ceil(x - half_width - 0.5), 0.0, top)
     end = tf.clip_by_value(tf.floor(x + half_width - 0.5), 0.0, top) + 1.0
-    x, start, end = (tf.reshape(v, [blocks, _RESAMPLE_BLOCK, 1]) for v in (x, start, end))
-    span = tf.cast(tf.math.ceil(_RESAMPLE_BLOCK * tf.abs(step) + 2 * half_width + 2), tf.int32)
-    source = tf.reduce_min(start, axis=1) + tf.range(span, dtype=tf.float32)  # [blocks, span]
-    source_3d = source[:, None, :]
-    weights = tf.where(
-        (source_3d >= start) & (source_3d < end),
-        tf.maximum(0.0, 1.0 - tf.abs(source_3d + 0.5 - x) / half_width),
-        0.0,
-    )
+    taps = tf.cast(tf.reduce_max(end - start), tf.int32)  # 3 for ImageNet's 375 -> 256
+    source = start[..., None] + tf.range(taps, dtype=tf.float32)
+    distance = tf.abs(source + 0.5 - x[..., None]) / half_width[..., None]
+    weights = tf.where(source < end[..., None], tf.maximum(0.0, 1.0 - distance), 0.0)
     weights = tf.math.divide_no_nan(weights, tf.reduce_sum(weights, axis=2, keepdims=True))
-    return weights, tf.minimum(tf.cast(source, tf.int32), n - 1)
+    source = tf.minimum(tf.cast(source, tf.int32), tf.cast(n - 1, tf.int32)[:, None, None])
+    return weights[:, :, None, :], source
+
+
+def _resample_rows(matrix, weights, source):
+    """[n, m] (uint8 or float32) -> float32 [size, m]: each output row the weighted sum of
+    its taps' rows (weights [size, 1, taps], source [size, taps]: _tap_weights)."""
+    # Gathered as they are (uint8: a quarter of the bytes), then made float.
+    taps = tf.cast(tf.gather(matrix, source), tf.float32)  # [size, taps, m]
+    return tf.reshape(tf.matmul(weights, taps), [tf.shape(source)[0], -1])  # 1 x taps each
 
 
 def _resample(pixels, size: int, first, step):
     """uint8 [h, w, C] -> float32 [size, size, C]: ScaleAndTranslate's triangle resampling at
-    the given sample positions, as two passes of blocked matrix products (TensorFlow's own
-    kernel is scalar code): a block of samples reads a short run of source rows, so each pass
-    is a batch of small products over gathered rows.
-    """
-    h, w, channels = tf.shape(pixels)[0], tf.shape(pixels)[1], pixels.shape[-1]
-    rows_w, rows_i = _axis_weights(size, h, first[0], step[0])
-    # Gathered as uint8, then made float: the pass is memory-bound, and a float copy of the
-    # whole window would be one more 1.3 MB round trip per ImageNet-sized image.
-    gathered = tf.cast(tf.gather(tf.reshape(pixels, [h, -1]), rows_i), tf.float32)
-    rows = tf.matmul(rows_w, gathered)  # [blocks, block, w * C]
-    rows = tf.transpose(tf.reshape(rows, [-1, w, channels])[:size], [1, 0, 2])  # [w, size, C]
-    cols_w, cols_i = _axis_weights(size, w, first[1], step[1])
-    out = tf.matmul(cols_w, tf.gather(tf.reshape(rows, [w, -1]), cols_i))
-    return tf.transpose(tf.reshape(out, [-1, size, channels])[:size], [1, 0, 2])
+    the given sample positions (TensorFlow's own kernel is scalar code), one axis at a time.
+    Each pass resamples the rows of a matrix: every output row is its taps' source rows
+    (3 for ImageNet's sizes) gathered and weighted by a batched matrix product. Between the
+    passes and after them the matrix is transposed as a plain 2-D one, so that no pass and
+    no transpose moves single channel values about (a transpose that keeps C = 3 values
+    together, tf.transpose(x, [1, 0, 2]), costs ~3x as much)."""
+    hw, channels = tf.shape(pixels)[:2], pixels.shape[-1]
+    weights, source = _tap_weights(size, hw, first, step)
+    rows = _resample_rows(tf.reshape(pixels, [hw[0], -1]), weights[0], source[0])  # [r, (x, C)]
+    columns = tf.reshape(tf.transpose(rows), [hw[1], -1])  # [x, (C, r)]
+    out = _resample_rows(columns, weights[1], source[1])  # [c, (C, r)]
+    return tf.reshape(tf.transpose(tf.reshape(out, [-1, size])), [size, size, channels])
 
 
-def _source_and_window(image, window_of):
-    """Decode no more of `image` than `window_of(hw)` ([top, left, height, width] for a
-    source of size hw) asks: (uint8 [height, width, 3] pixels, hw)."""
+def add_per_channel(image, offset):
+    """float32 [h, w, C] (static shape) plus `offset` [C] at every pixel. Added over the
+    [h, w * C] view: TensorFlow's broadcast along a last axis of 3 costs ~6x as much."""
+    h, w, channels = image.shape
+    flat = tf.reshape(image, [h, w * channels]) + tf.tile(offset, [w])
+    return tf.reshape(flat, [h, w, channels])
+
+
+# The widest iMCU column of common JPEGs (4:2:0 and 4:2:2 chroma: 2 x 8 pixels; 4:4:4: 8).
+_JPEG_IMCU_WIDTH = 16
+
+
+def _source_and_window(image, geometry):
+    """Decode no more of `image` than its window asks: geometry(hw) gives (window [top,
+    left, height, width], ...) for a source of size hw. Returns (uint8 [height, width, 3]
+    pixels, the rest of geometry(hw)): one tf.cond (JPEG or not) per image."""
+
+    def window_of(pixels, hw):
+        window, *rest = geometry(hw)
+        top, left, height, width = tf.unstack(window)
+        return (pixels[top : top + height, left : left + width], *rest)
+
     if image.dtype != tf.string:  # an already-decoded image (MNIST, CIFAR-10): slice it
-        hw = tf.shape(image)[:2]
-        top, left, height, width = tf.unstack(window_of(hw))
-        return with_channels(image[top : top + height, left : left + width], 3), hw
-    is_jpeg = tf.io.is_jpeg(image)
-    # Other formats (PNG) have no partial decoder: decode them whole, then slice.
-    whole = tf.cond(
-        is_jpeg,
-        lambda: tf.zeros([0, 0, 3], tf.uint8),
-        lambda: tf.io.decode_image(image, channels=3, expand_animations=False),
-    )
-    hw = tf.cond(
-        is_jpeg, lambda: tf.image.extract_jpeg_shape(image)[:2], lambda: tf.shape(whole)[:2]
-    )
-    window = window_of(hw)
-    pixels = tf.cond(
-        is_jpeg,
+        pixels, *rest = window_of(image, tf.shape(image)[:2])
+        return (with_channels(pixels, 3), *rest)
+
+    def jpeg():
+        window, first, *rest = geometry(tf.image.extract_jpeg_shape(image)[:2])
+        # libjpeg-turbo decodes a cropped row from the iMCU column boundary at or left of
+        # the window (16 pixels for 4:2:0 and 4:2:2 chroma); a window that starts elsewhere
+        # is decoded into a scratch row and copied out, row by row. Starting it there costs
+        # the decoder nothing and saves that copy (~3% of the op's time).
+        widen = tf.stack([0, window[1] % _JPEG_IMCU_WIDTH])
+        window = window - tf.concat([widen, -widen], 0)
         # Three channels, as `decoded` asks: a CMYK or grey JPEG comes out RGB.
-        lambda: tf.image.decode_and_crop_jpeg(image, window, channels=3),
-        lambda: tf.slice(whole, tf.concat([window[:2], [0]], 0), tf.concat([window[2:], [3]], 0)),
-    )
-    return pixels, hw
+        pixels = tf.image.decode_and_crop_jpeg(image, window, channels=3)
+        return (pixels, first + tf.cast(widen, tf.float32), *rest)
+
+    def other():  # other formats (PNG) have no partial decoder: decode them whole, then slice
+        whole = tf.io.decode_image(image, channels=3, expand_animations=False)
+        return window_of(whole, tf.shape(whole)[:2])
+
+    return tf.cond(tf.io.is_jpeg(image), jpeg, other)
 
 
 def rescaled_patch(image, side, offset_of, size: int, mirror=False):
@@ -285,8 +314,7 @@ def rescaled_patch(image, side, offset_of, size: int, mirror=False):
         new_hw = rescaled_size(hw, side)
         return patch_window(hw, new_hw, offset_of(new_hw), size)
 
-    pixels, hw = _source_and_window(image, lambda hw: geometry(hw)[0])
-    _, first, step = geometry(hw)  # the same values: the offset's random draw is stateless
+    pixels, first, step = _source_and_window(image, geometry)
     mirror = tf.convert_to_tensor(mirror, tf.bool)
 
     def resampled():
@@ -322,8 +350,15 @@ def pca_colour_shift(seed, std: float):
     return 255.0 * tf.linalg.matvec(IMAGENET_PCA_EIGENVECTORS, alpha * IMAGENET_PCA_EIGENVALUES)
 
 
-def subtract_mean_rgb(image):
-    return image - IMAGENET_MEAN_RGB
+def subtract_mean_rgb(image, mean_rgb=()):
+    """`image` (0..255 RGB) less a mean RGB: `mean_rgb`, or the paper's when it is empty."""
+    return image - mean_rgb_or_paper(mean_rgb)
+
+
+def mean_rgb_or_paper(mean_rgb) -> np.ndarray:
+    """The mean RGB an op subtracts: the config's `input.mean_rgb` where given (imported
+    weights trained with another mean, cnn_jax.weights), else IMAGENET_MEAN_RGB."""
+    return np.asarray(mean_rgb, np.float32) if len(mean_rgb) else IMAGENET_MEAN_RGB
 
 
 def _lenet_affine(image, seed):
@@ -433,17 +468,21 @@ def alexnet(image, seed, *, train, image_size, pca_lighting_std):
     offset_of = lambda new_hw: (new_hw - side) // 2 + in_square
     image = rescaled_patch(image, side, offset_of, size, mirror)
     if not train:
-        return subtract_mean_rgb(image)
+        return add_per_channel(image, -IMAGENET_MEAN_RGB)
     # One pass over the patch for both offsets (the op is memory-bound).
-    return image + (pca_colour_shift(colour_seed, pca_lighting_std) - IMAGENET_MEAN_RGB)
+    offset = pca_colour_shift(colour_seed, pca_lighting_std) - IMAGENET_MEAN_RGB
+    return add_per_channel(image, offset)
 
 
 @_plain_graph_code
-def vgg(image, seed, *, train, image_size, pca_lighting_std, train_scale_min, train_scale_max):
+def vgg(
+    image, seed, *, train, image_size, pca_lighting_std, train_scale_min, train_scale_max, mean_rgb
+):
     """VGG (Sec. 3.1): training rescales the shorter side to S, drawn per image from
     [train_scale_min, train_scale_max] (equal bounds: fixed S), then takes a random 224x224
     crop, mirrored half the time, with AlexNet's colour shift. Evaluation rescales to
-    Q = (S_min + S_max) / 2 (Sec. 4.1) and takes the centre crop. Mean RGB subtracted.
+    Q = (S_min + S_max) / 2 (Sec. 4.1) and takes the centre crop. Mean RGB subtracted: the
+    paper's, or `mean_rgb` where given (imported weights' own, cnn_jax.weights).
 
     Only the crop is computed, from only the source pixels it needs (rescaled_patch): the
     same views as vgg_resize_then_crop."""
@@ -451,7 +490,9 @@ def vgg(image, seed, *, train, image_size, pca_lighting_std, train_scale_min, tr
     s_min, s_max = scaled_side(train_scale_min, size), scaled_side(train_scale_max, size)
     if not train:
         centre = lambda new_hw: (new_hw - size) // 2  # central_crop's
-        return subtract_mean_rgb(rescaled_patch(image, (s_min + s_max) // 2, centre, size))
+        return subtract_mean_rgb(
+            rescaled_patch(image, (s_min + s_max) // 2, centre, size), mean_rgb
+        )
     scale_seed, crop_seed, colour_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     side = tf.random.stateless_uniform(
         [], seed=scale_seed, minval=s_min, maxval=s_max + 1, dtype=tf.int32
@@ -459,7 +500,7 @@ def vgg(image, seed, *, train, image_size, pca_lighting_std, train_scale_min, tr
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(crop_seed, 2))
     offset_of = lambda new_hw: _crop_offset(new_hw, size, crop_seed)
     image = rescaled_patch(image, side, offset_of, size, _mirrors(flip_seed))
-    return image + (pca_colour_shift(colour_seed, pca_lighting_std) - IMAGENET_MEAN_RGB)
+    return image + (pca_colour_shift(colour_seed, pca_lighting_std) - mean_rgb_or_paper(mean_rgb))
 
 
 # The resize-then-crop forms of the decode-the-patch ops: same seeds, same views.
@@ -481,7 +522,7 @@ def alexnet_resize_then_crop(image, seed, *, train, image_size, pca_lighting_std
 
 @_plain_graph_code
 def vgg_resize_then_crop(
-    image, seed, *, train, image_size, pca_lighting_std, train_scale_min, train_scale_max
+    image, seed, *, train, image_size, pca_lighting_std, train_scale_min, train_scale_max, mean_rgb
 ):
     """`vgg` as the paper words it: decode the whole image, rescale it to S, then crop. The
     reference the op is tested and timed against, as alexnet_resize_then_crop."""
@@ -499,7 +540,7 @@ def vgg_resize_then_crop(
         image = image + pca_colour_shift(colour_seed, pca_lighting_std)
     else:
         image = central_crop(resize_shorter_side(image, (s_min + s_max) // 2), size, size)
-    return subtract_mean_rgb(image)
+    return subtract_mean_rgb(image, mean_rgb)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -546,7 +587,7 @@ PREPROCESSORS: dict[str, PreprocessSpec] = {
     "vgg": PreprocessSpec(
         vgg,
         3,
-        params=("pca_lighting_std", "train_scale_min", "train_scale_max"),
+        params=("pca_lighting_std", "train_scale_min", "train_scale_max", "mean_rgb"),
         normalise=subtract_mean_rgb,
         scale_jitter=True,
         cacheable=True,
@@ -559,8 +600,42 @@ MULTI_VIEW_PREPROCESSORS = tuple(name for name, s in PREPROCESSORS.items() if s.
 
 
 def dense_key(q: int) -> str:
-    """The eval batch key of VGG's dense evaluation at scale Q (cnn_jax.evaluate)."""
+    """The eval batch key of the image at test scale Q (VGG's dense and multi-crop
+    evaluation, cnn_jax.evaluate)."""
     return f"image_q{q}"
+
+
+def size_key(view_key: str) -> str:
+    """The eval batch key of the [height, width] of the image in the zero-padded WholeImage
+    view under `view_key`."""
+    return f"{view_key}_size"
+
+
+# Whole-image views are zero-padded to sides that are multiples of this: VGG's five 2x2
+# max-pools (Sec. 2.1) then halve every padded side exactly, so at each layer the image's own
+# pixels are the top-left floor(size / 2**k) of the map, and the dense path can mask the rest
+# (cnn_jax.evaluate.masked_score_mean).
+WHOLE_IMAGE_MULTIPLE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class WholeImage:
+    """An evaluation view (VGG Sec. 3.2): the whole image rescaled to shorter side `side`,
+    aspect kept, uncropped, as model input. Such views differ in shape from image to image,
+    so the eval pipeline groups images by shape (`shape_step` pixels of the longer side at
+    the largest side of the batch) and zero-pads each to its group's size; the image's own
+    [height, width] travels under size_key(key) (cnn_jax.data.pipeline.eval_dataset)."""
+
+    side: int
+    shape_step: int
+
+
+def view_side(view, image_size: int) -> int:
+    """The shorter side an eval view is rescaled to (at most): a square's side, a
+    WholeImage's, image_size for the op's own centre view (None)."""
+    if view is None:
+        return image_size
+    return view.side if isinstance(view, WholeImage) else view
 
 
 @dataclasses.dataclass(frozen=True)
@@ -574,6 +649,8 @@ class Preprocessing:
     pca_lighting_std: float = 0.1
     train_scale_min: int = 256
     train_scale_max: int = 512
+    # vgg: the mean RGB subtracted; empty: the paper's (imported weights bring their own).
+    mean_rgb: tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.name not in PREPROCESSORS:
@@ -593,6 +670,18 @@ class Preprocessing:
                 f"--config.input.train_scale_min={low} and --config.input.train_scale_max="
                 f"{high} must satisfy {crop} <= min <= max (sides at a {crop} crop)"
             )
+        self._check_mean_rgb()
+
+    def _check_mean_rgb(self) -> None:
+        mean = tuple(self.mean_rgb)
+        if not mean:
+            return
+        flag = f"--config.input.mean_rgb={mean}"
+        if "mean_rgb" not in self.spec.params:
+            ops = ", ".join(n for n, s in PREPROCESSORS.items() if "mean_rgb" in s.params)
+            raise UserError(f"{flag} applies to preprocess={ops}, not {self.name}")
+        if len(mean) != 3 or not all(isinstance(v, int | float) and math.isfinite(v) for v in mean):
+            raise UserError(f"{flag} must be three finite numbers (R, G, B on 0..255)")
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -618,16 +707,16 @@ class Preprocessing:
         if self.spec.normalise is None:
             raise UserError(
                 f"--config.input.preprocess={self.name} has no multi-view evaluation "
-                f"(ten_crop, dense): use one of {', '.join(MULTI_VIEW_PREPROCESSORS)}"
+                f"(ten_crop, dense, multi_crop): use one of {', '.join(MULTI_VIEW_PREPROCESSORS)}"
             )
+        if "mean_rgb" in self.spec.params:  # the op's own mean, for every view
+            return functools.partial(self.spec.normalise, mean_rgb=self.mean_rgb)
         return self.spec.normalise
 
     @_plain_graph_code
     def square(self, image, side: int):
         """`image` rescaled to shorter side `side`, its central side x side square, as model
-        input: what the ten crops (AlexNet Sec. 4.1) and dense evaluation (VGG Sec. 3.2, the
-        central Q x Q square, since a batch needs one shape where the paper used the whole
-        rectangle) are taken from."""
+        input: what the ten crops (AlexNet Sec. 4.1) are taken from."""
         normalise = self._normalise()
         return normalise(rescaled_square(decoded(image, self.spec.input_channels), side))
 
@@ -641,6 +730,22 @@ class Preprocessing:
             normalise = self._normalise()
             image = decoded(image, self.spec.input_channels)
             out.update({k: normalise(rescaled_square(image, s)) for k, s in squares.items()})
+        return out
+
+    @_plain_graph_code
+    def whole_images(self, image, padded: dict) -> dict:
+        """One eval example's WholeImage views: {shorter side: padded [height, width]} ->
+        {side: (the whole image rescaled to that side as model input, with zeros below and
+        right of it to the padded size, since zero is what a convolution's own padding reads;
+        the image's [height, width] in it)}."""
+        normalise = self._normalise()
+        image = decoded(image, self.spec.input_channels)
+        out = {}
+        for side, padded_hw in padded.items():
+            rescaled = normalise(resize_shorter_side(image, side))
+            hw = tf.shape(rescaled)[:2]
+            below, right = tf.unstack(padded_hw - hw)
+            out[side] = (tf.pad(rescaled, [[0, below], [0, right], [0, 0]]), hw)
         return out
 
     def channels(self, dataset_channels: int) -> int:

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from cnn_jax.errors import UserError
 from cnn_jax.models import layers, ops
 from cnn_jax.models.layers import ModuleDef, local_response_norm
 from cnn_jax.models.spec import ModelSpec
@@ -76,8 +77,49 @@ WIDTH_DIVISORS = (1, 2, 4, 8, 16)
 # with standard deviation 0.01. We initialized the neuron biases in the second, fourth, and
 # fifth convolutional layers, as well as in the fully-connected hidden layers, with the
 # constant 1 ... [this] provid[es] the ReLUs with positive inputs."
-WEIGHT_INIT = nn.initializers.normal(stddev=0.01)
 ONE_BIAS_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
+
+
+@dataclasses.dataclass(frozen=True)
+class Initialisation:
+    """How one `init` choice (config.model.init) draws each layer's weights and biases."""
+
+    weight_std: float | None  # N(0, std^2) weights; None: He et al. 2015's N(0, 2 / fan_in)
+    positive_bias: float  # the bias of ONE_BIAS_LAYERS (every other layer's is 0)
+    weight_std_of: tuple[tuple[str, float], ...] = ()  # layers with their own std
+
+    def kernel_init(self, layer: str):
+        std = dict(self.weight_std_of).get(layer, self.weight_std)
+        if std is None:
+            # He, Zhang, Ren, Sun 2015, Sec. 2.2: zero-mean Gaussian, std sqrt(2 / fan_in)
+            # (fan_in: kernel area x the input maps a unit reads, its tower's for conv2/4/5).
+            # An untruncated normal, as the paper draws it (Flax's he_normal truncates).
+            return nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+        return nn.initializers.normal(stddev=std)
+
+    def bias_init(self, layer: str):
+        if layer in ONE_BIAS_LAYERS and self.positive_bias:
+            return nn.initializers.constant(self.positive_bias)
+        return nn.initializers.zeros
+
+
+# config.model.init -> its Initialisation (docs/learning.md measures the three).
+INITIALISATIONS = {
+    "paper": Initialisation(weight_std=0.01, positive_bias=1.0),  # Sec. 5, quoted above
+    # Caffe's bvlc_alexnet (models/bvlc_alexnet/train_val.prototxt): N(0, 0.01) for conv1-5
+    # and fc8, N(0, 0.005) for fc6/fc7; biases 0.1 in conv2/4/5 and fc6/fc7, 0 elsewhere.
+    # Its readme: "initializing non-zero biases to 0.1 instead of 1 (found necessary for
+    # training, as initialization to 1 gave flat loss)".
+    "caffe": Initialisation(
+        weight_std=0.01, positive_bias=0.1, weight_std_of=(("fc6", 0.005), ("fc7", 0.005))
+    ),
+    "he": Initialisation(weight_std=None, positive_bias=0.0),  # every bias 0 (He Sec. 2.2)
+}
+
+
+def check_init(init: str) -> None:
+    if init not in INITIALISATIONS:
+        raise UserError(f"--config.model.init={init!r} is not one of: {', '.join(INITIALISATIONS)}")
 
 
 def conv1_padding(side: int) -> tuple[int, int]:
@@ -111,10 +153,6 @@ def model_axis_bytes_per_image(
     backward = (sum(halves.values()) - halves["fc8"]) * itemsize
     inputs = {f"{k}_input": v * itemsize for k, v in halves.items()}
     return {**inputs, "forward": forward, "backward": backward}
-
-
-def _bias_init(name: str):
-    return nn.initializers.ones if name in ONE_BIAS_LAYERS else nn.initializers.zeros
 
 
 def _per_tower(fn, x: jax.Array, towers: int) -> jax.Array:
@@ -172,6 +210,8 @@ class AlexNet(nn.Module):
     towers: int = TOWERS
     tower_axis: str | None = None
     width_divisor: int = 1
+    # A key of INITIALISATIONS (config.model.init; `init` is Flax's method).
+    initialisation: str = "paper"
     # The convolution, the dense layers' product and the max-pooling (layers.Kernels, chosen
     # per backend).
     conv: ModuleDef = layers.Conv
@@ -245,8 +285,9 @@ class AlexNet(nn.Module):
         return jax.tree_util.tree_map_with_path(spec, params)
 
 
-# This model's own config fields (config.model) and their defaults.
-FIELDS = {"dropout_rate": 0.5, "width_divisor": 1}
+# This model's own config fields (config.model) and their defaults. init: the paper's
+# (Sec. 5); configs/alexnet.py:digits picks another for small data (docs/learning.md).
+FIELDS = {"dropout_rate": 0.5, "width_divisor": 1, "init": "paper"}
 
 
 def build(
@@ -258,10 +299,12 @@ def build(
     towers: int,
     dropout_rate: float,
     width_divisor: int,
+    init: str,
 ) -> AlexNet:
     """The towers split over the mesh's model axis when it has one device per tower; on a
     model axis of 1 each device runs every tower (grouped convolutions)."""
     layers.check_width_divisor(width_divisor, WIDTH_DIVISORS)
+    check_init(init)
     return AlexNet(
         num_classes=num_classes,
         dropout_rate=dropout_rate,
@@ -269,6 +312,7 @@ def build(
         towers=towers,
         tower_axis=MODEL_AXIS if towers > 1 and model_axis == towers else None,
         width_divisor=width_divisor,
+        initialisation=init,
         **kernels.fields(),
     )
 
@@ -298,8 +342,8 @@ def _tower_conv(net, name, y, kernel, *, here, padding, stride=1, same_tower=Fal
         # an ordinary convolution over that tower's maps.
         feature_group_count=here if same_tower else 1,
         activation=nn.relu,
-        kernel_init=WEIGHT_INIT,
-        bias_init=_bias_init(name),
+        kernel_init=INITIALISATIONS[net.initialisation].kernel_init(name),
+        bias_init=INITIALISATIONS[net.initialisation].bias_init(name),
         dtype=net.dtype,
         name=name,
     )(y)
@@ -311,8 +355,8 @@ def _tower_dense(net, name, y, *, here, units=None):
         units = FC_UNITS // net.width_divisor * here // net.towers
     return nn.Dense(
         units,
-        kernel_init=WEIGHT_INIT,
-        bias_init=_bias_init(name),
+        kernel_init=INITIALISATIONS[net.initialisation].kernel_init(name),
+        bias_init=INITIALISATIONS[net.initialisation].bias_init(name),
         dtype=net.dtype,
         dot_general=net.dot_general,
         name=name,

@@ -26,6 +26,38 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# The CPU features that decide how fast bfloat16 and the convolutions run (benchmark reports
+# them): AVX512_BF16 (Zen 4, Cooper Lake and later) converts and multiplies bfloat16 pairs in
+# hardware; AMX_BF16 (Sapphire Rapids) adds bfloat16 matrix tiles.
+BFLOAT16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+REPORTED_CPU_FLAGS = frozenset({"avx2", "avx512f", "avx512_vnni", "amx_tile"}) | BFLOAT16_CPU_FLAGS
+
+
+def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The feature flags of this machine's CPU (the `flags` line of Linux's /proc/cpuinfo);
+    empty where there is no such file (macOS, Windows)."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return frozenset()
+    return parse_cpu_flags(text)
+
+
+def parse_cpu_flags(cpuinfo_text: str) -> frozenset[str]:
+    """The flags of the first processor in /proc/cpuinfo's text (all cores list the same)."""
+    for line in cpuinfo_text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_has_bfloat16(flags: frozenset[str]) -> bool:
+    """Whether a CPU with these flags has bfloat16 arithmetic (dot products in hardware)."""
+    return bool(flags & BFLOAT16_CPU_FLAGS)
+
+
 # YNNPACK (XLA:CPU's fast convolution library) takes a convolution only when its input or
 # output has more than this many feature maps (xla/backends/cpu/ynn_support.cc).
 _YNN_MIN_FEATURES = 16
@@ -195,6 +227,8 @@ def _conv_cpu_bwd(strides, pads, precision, residuals, g):
     padded = _pad(x, pads)
     if padded.shape[1:3] == kernel.shape[:2]:  # one output position: a matmul's gradient
         dkernel = jax.vjp(lambda k: _dot_form(padded, k, precision), kernel)[1](g)[0]
+    elif _use_tap_kernel_gradient(g, strides, pads):
+        dkernel = _kernel_gradient_by_taps(padded, g, kernel.shape, precision)
     else:  # XLA's own, the padding inside the convolution (not on a padded copy of x)
         as_conv = lambda k: _xla_conv(x, k, strides, pads, precision)
         dkernel = jax.vjp(as_conv, kernel)[1](g)[0]
@@ -202,6 +236,39 @@ def _conv_cpu_bwd(strides, pads, precision, residuals, g):
 
 
 _conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
+
+# XLA:CPU computes a kernel gradient as a convolution whose window is the whole output map
+# and whose feature dimension is the batch; on maps of 28x28 and more with 64-512 maps (VGG's
+# blocks 1-4) that runs 1.3-5x slower than one matmul per kernel tap (docs/performance.md);
+# on AlexNet's 13x13 and 27x27 maps XLA's own is faster.
+_TAP_GRADIENT_MIN_SIDE = 28
+
+
+def _use_tap_kernel_gradient(g, strides, pads) -> bool:
+    """Stride 1, no cropping, and an output map of at least _TAP_GRADIENT_MIN_SIDE a side."""
+    big = min(g.shape[1:3]) >= _TAP_GRADIENT_MIN_SIDE
+    return big and strides == (1, 1) and all(p >= 0 for pad in pads for p in pad)
+
+
+def _kernel_gradient_by_taps(padded, g, kernel_shape, precision):
+    """The kernel gradient of a stride-1 convolution of `padded` (the input with its padding)
+    as one matmul per kernel tap: tap (i, j) is the window-shifted input, (batch * rows * cols,
+    C), contracted with the output gradient, (batch * rows * cols, O)."""
+    kh, kw, c, o = kernel_shape
+    n, oh, ow, _ = g.shape
+    rows = g.reshape(n * oh * ow, o)
+    over_positions = (((0,), (0,)), ((), ()))
+    taps = [
+        lax.dot_general(
+            padded[:, i : i + oh, j : j + ow].reshape(n * oh * ow, c),
+            rows,
+            over_positions,
+            precision=precision,
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return jnp.stack(taps).reshape(kernel_shape)
 
 
 def _dot_form(x, kernel, precision):

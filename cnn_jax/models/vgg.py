@@ -267,7 +267,7 @@ class VGG(nn.Module):
 
 
 # This model's own config fields (config.model) and their defaults. warm_start_from is read by
-# cnn_jax.warm_start, not by the module: a VGG run that starts from a trained configuration A
+# cnn_jax.finetune, not by the module: a VGG run that starts from a trained configuration A
 # (Sec. 3.1: the first four convolutions and the three fully-connected layers).
 FIELDS = {
     "variant": "D",

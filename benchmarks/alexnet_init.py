@@ -1,0 +1,172 @@
+"""AlexNet's first training steps under each initialisation: what stalls the paper's recipe.
+
+    python benchmarks/alexnet_init.py --config=configs/alexnet.py:digits --workdir=DIR \\
+        --config.model.init=paper [--steps=50] [--config.input.batch_size=128] \\
+        [--config.optim.warmup_epochs=0.4]
+    python benchmarks/alexnet_init.py --plot=docs/images/alexnet_init_curves.png DIR1 DIR2 ...
+
+The first form trains --steps steps of the config's run (the same Trainer, state and compiled
+step as `cnn_jax.main`) and writes every step's loss, accuracy, gradient norm and learning
+rate to DIR/metrics.jsonl (split "train"), with DIR/config.json. At step 0 and at the steps of
+PROBE_STEPS it also runs the network without dropout on one fixed batch (the first training
+batch) and writes split "probe":
+  fc6_dead, fc7_dead   the fraction of the layer's units whose ReLU is 0 on every image of
+                       the batch (a unit dead there passes no gradient down for any of them)
+  fc6_zero, fc7_zero   the fraction of all (image, unit) activations that are 0
+  fc7_sq_norm          mean over images of |relu(fc7)|^2: fc8's input energy, which sets how
+                       far one SGD step moves the scores (d score = -lr |h|^2 d loss/d score
+                       for fc8's weights alone)
+  score_spread         the scores' std over images (mean over classes) against their std
+                       over classes (mean over images): near 0 when every image gets the same
+                       scores, i.e. the input barely reaches the classifier
+
+The second form draws the runs' training loss and gradient norm per step, one line per run,
+labelled by its init and batch size, into one PNG (docs/learning.md shows it).
+"""
+
+import json
+import os
+import sys
+
+from absl import flags
+
+from cnn_jax import cli
+from cnn_jax.errors import UserError
+
+PROBE_STEPS = (1, 2, 3, 5, 10, 20, 30, 50, 100, 150, 200)
+
+
+def probe_function(model):
+    """jit(params, images) -> the probe's statistics (see the module docstring)."""
+    import jax
+    import jax.numpy as jnp
+
+    def stats(params, images):
+        scores, state = model.apply(
+            {"params": params},
+            images,
+            train=False,
+            capture_intermediates=lambda mdl, _: mdl.name in ("fc6", "fc7"),
+            mutable=["intermediates"],
+        )
+        out = {}
+        for layer in ("fc6", "fc7"):
+            pre = state["intermediates"][layer]["__call__"][0]  # Dense output, before ReLU
+            active = pre > 0
+            out[f"{layer}_dead"] = jnp.mean(~jnp.any(active, axis=0))
+            out[f"{layer}_zero"] = jnp.mean(~active)
+            if layer == "fc7":
+                out["fc7_sq_norm"] = jnp.mean(jnp.sum(jnp.maximum(pre, 0.0) ** 2, axis=-1))
+        across_images = jnp.mean(jnp.std(scores, axis=0))
+        across_classes = jnp.mean(jnp.std(scores, axis=1))
+        out["score_spread"] = across_images / jnp.maximum(across_classes, 1e-30)
+        out["score_mean_abs"] = jnp.mean(jnp.abs(scores))
+        return out
+
+    return jax.jit(stats)
+
+
+def measure(config, workdir: str, steps: int) -> None:
+    import jax
+
+    from cnn_jax import checkpoint, reporting, train
+
+    os.makedirs(workdir, exist_ok=True)
+    if reporting.read_metrics(workdir):
+        raise UserError(f"--workdir={workdir} already holds metrics: give a new directory")
+    config.run.num_train_steps = steps
+    trainer = train.build_trainer(config)
+    if trainer.experiment.mesh_shape[1] != 1:
+        raise UserError("the probe runs the towers on one device: use --config.mesh.model=1")
+    checkpoint.write_config(trainer.record, workdir)
+    state = trainer.init_state()
+    batches = trainer.train_batches(0)
+    first = next(batches)
+    probe = probe_function(trainer.model)
+    probe_images = first["image"]
+    optimizer = trainer.experiment.optimizer
+    with reporting.Reporter(workdir, total_steps=steps, start_step=0, progress_bar=False) as r:
+        r.write(0, "probe", jax.device_get(probe(state.params, probe_images)))
+        batch = first
+        for step in range(steps):
+            learning_rate = optimizer.learning_rate(step, state.opt_state)
+            state, metrics = trainer.train_step(state, batch)
+            r.write(step + 1, "train", {**jax.device_get(metrics), "learning_rate": learning_rate})
+            if step + 1 in PROBE_STEPS or step + 1 == steps:
+                r.write(step + 1, "probe", jax.device_get(probe(state.params, probe_images)))
+            if step + 1 < steps:
+                batch = next(batches)
+
+
+def run_config(workdir: str) -> dict:
+    with open(os.path.join(workdir, "config.json")) as f:
+        return json.load(f)
+
+
+def run_label(workdir: str) -> str:
+    c = run_config(workdir)
+    label = f"{c['model'].get('init', 'paper')}, batch {c['input']['batch_size']}"
+    if c["optim"].get("warmup_epochs"):
+        label += f", warm-up {c['optim']['warmup_epochs']:g} epoch"
+    return label
+
+
+def plot(out: str, workdirs: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cnn_jax import reporting
+
+    fig, (loss_ax, grad_ax) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for workdir in workdirs:
+        train = [r for r in reporting.read_metrics(workdir) if r["split"] == "train"]
+        if not train:
+            raise UserError(f"{workdir} has no training records in metrics.jsonl")
+        # Images seen, not steps: runs of different batch sizes then share the axis.
+        batch = run_config(workdir)["input"]["batch_size"]
+        seen = [r["step"] * batch for r in train]
+        label = run_label(workdir)
+        loss_ax.plot(seen, [r["loss"] for r in train], label=label, lw=1.2)
+        grad_ax.plot(seen, [r["grad_norm"] for r in train], label=label, lw=1.2)
+    loss_ax.axhline(2.3026, color="grey", ls=":", lw=1, label="chance (ln 10)")
+    for ax, name in ((loss_ax, "training loss (batch mean)"), (grad_ax, "gradient norm")):
+        ax.set_yscale("log")
+        ax.set_xlabel("training images seen")
+        ax.set_title(name)
+        ax.grid(True, which="both", alpha=0.3)
+    loss_ax.legend(fontsize=8)
+    fig.suptitle("AlexNet, full width, 224 px, bundled digits: the first steps of each init")
+    fig.tight_layout()
+    fig.savefig(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv if argv is None else argv
+    fv = flags.FlagValues()
+    cli.define_config_flag(fv, argv)
+    flags.DEFINE_string("workdir", None, "Where the run's records go.", flag_values=fv)
+    flags.DEFINE_integer("steps", 50, "Training steps.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string(
+        "plot", None, "Draw the runs given as arguments into this PNG.", flag_values=fv
+    )
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        print(__doc__.split("\n\n")[1], fv.get_help(), sep="\n\n")
+        return
+    rest = cli.parse_flags(argv, fv)
+
+    if fv.plot:
+        cli.run(lambda: plot(fv.plot, rest[1:]))
+        return
+
+    def body():
+        if fv.config is None or fv.workdir is None:
+            raise UserError("--config=configs/alexnet.py[:arg] and --workdir=DIR are required")
+        measure(fv.config, os.path.expanduser(fv.workdir), fv.steps)
+
+    cli.run(body, fv.config)
+
+
+if __name__ == "__main__":
+    main()
