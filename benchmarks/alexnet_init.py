@@ -20,8 +20,9 @@ batch) and writes split "probe":
                        over classes (mean over images): near 0 when every image gets the same
                        scores, i.e. the input barely reaches the classifier
 
-The second form draws the runs' training loss and gradient norm per step, one line per run,
-labelled by its init and batch size, into one PNG (docs/learning.md shows it).
+The second form draws the runs into one PNG (docs/learning.md shows it): loss, gradient norm
+and fc7's dead units over the first steps of the runs measured by the first form, and the
+held-out accuracy of the cnn_jax.main runs (the workdirs with evaluations).
 """
 
 import json
@@ -108,36 +109,96 @@ def run_label(workdir: str) -> str:
     label = f"{c['model'].get('init', 'paper')}, batch {c['input']['batch_size']}"
     if c["optim"].get("warmup_epochs"):
         label += f", warm-up {c['optim']['warmup_epochs']:g} epoch"
+    if c["optim"].get("schedule") == "step":
+        epochs = ", ".join(f"{e:g}" for e in c["optim"]["step_epochs"])
+        label += f", lr /10 at epoch {epochs}"
+    if c["data"]["name"] == "synthetic":
+        label += f", {c['data']['num_classes']} random classes"
     return label
 
 
+def _records(workdir: str, split: str) -> list[dict]:
+    from cnn_jax import reporting
+
+    return [r for r in reporting.read_metrics(workdir) if r["split"] == split]
+
+
+def _images_seen(workdir: str, records: list[dict]) -> list[int]:
+    """Images, not steps: runs of different batch sizes then share the axis."""
+    batch = run_config(workdir)["input"]["batch_size"]
+    return [r["step"] * batch for r in records]
+
+
+def _first_steps(axes, workdir: str, colour) -> None:
+    """Loss, gradient norm (every step) and fc7's dead units (the probes) of a measured run;
+    a run that diverged says so in its label (its curve leaves the top of the plot)."""
+    import math
+
+    train, probes = _records(workdir, "train"), _records(workdir, "probe")
+    label = run_label(workdir)
+    finite = [r for r in train if math.isfinite(r["loss"])]
+    if len(finite) < len(train):
+        label += f" (loss {train[0]['loss']:.3g} at step 1, NaN at step {len(finite) + 1})"
+    seen = _images_seen(workdir, finite)
+    for ax, key in zip(axes[:2], ("loss", "grad_norm"), strict=True):
+        ax.plot(seen, [r[key] for r in finite], color=colour, lw=1.2, label=label)
+    probes = [r for r in probes if math.isfinite(r.get("fc7_sq_norm", math.nan))]
+    axes[2].plot(
+        _images_seen(workdir, probes), [100 * r["fc7_dead"] for r in probes], "o-",
+        color=colour, lw=1.2, ms=3, label=label,
+    )  # fmt: skip
+
+
+def _held_out(ax, workdir: str, colour) -> None:
+    evals = _records(workdir, "eval")
+    ax.plot(
+        [r["step"] for r in evals], [100 * r["accuracy"] for r in evals], "o-",
+        color=colour, lw=1.2, ms=4, label=run_label(workdir),
+    )  # fmt: skip
+
+
 def plot(out: str, workdirs: list[str]) -> None:
+    """A 2x2 picture: the first steps of the runs with probes (loss, gradient norm, fc7's
+    dead units against images seen), and the held-out accuracy of the runs with evaluations
+    (cnn_jax.main runs) against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cnn_jax import reporting
-
-    fig, (loss_ax, grad_ax) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    if not workdirs:
+        raise UserError("--plot: give the run directories to draw as arguments")
+    fig, grid = plt.subplots(2, 2, figsize=(11, 7.5), dpi=100)
+    loss_ax, grad_ax, dead_ax, eval_ax = grid.ravel()
+    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3)
     for workdir in workdirs:
-        train = [r for r in reporting.read_metrics(workdir) if r["split"] == "train"]
-        if not train:
+        if not _records(workdir, "train"):
             raise UserError(f"{workdir} has no training records in metrics.jsonl")
-        # Images seen, not steps: runs of different batch sizes then share the axis.
-        batch = run_config(workdir)["input"]["batch_size"]
-        seen = [r["step"] * batch for r in train]
-        label = run_label(workdir)
-        loss_ax.plot(seen, [r["loss"] for r in train], label=label, lw=1.2)
-        grad_ax.plot(seen, [r["grad_norm"] for r in train], label=label, lw=1.2)
-    loss_ax.axhline(2.3026, color="grey", ls=":", lw=1, label="chance (ln 10)")
-    for ax, name in ((loss_ax, "training loss (batch mean)"), (grad_ax, "gradient norm")):
-        ax.set_yscale("log")
+        colour = next(colours)
+        if _records(workdir, "probe"):
+            _first_steps((loss_ax, grad_ax, dead_ax), workdir, colour)
+        if _records(workdir, "eval"):
+            _held_out(eval_ax, workdir, colour)
+    loss_ax.axhline(2.3026, color="grey", ls=":", lw=1, label="chance, 10 classes (ln 10)")
+    titles = {
+        loss_ax: "training loss per step",
+        grad_ax: "gradient norm per step",
+        dead_ax: "fc7 units dead on a fixed batch (%)",
+    }
+    for ax, title in titles.items():
         ax.set_xlabel("training images seen")
-        ax.set_title(name)
+        ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-    loss_ax.legend(fontsize=8)
-    fig.suptitle("AlexNet, full width, 224 px, bundled digits: the first steps of each init")
+    for ax, top in ((loss_ax, 100.0), (grad_ax, 1e4)):
+        ax.set_yscale("log")
+        ax.set_ylim(1.0, top)  # a diverging run's 1e15 would flatten the others
+    eval_ax.axhline(90, color="grey", ls=":", lw=1)
+    eval_ax.set(xlabel="training steps", ylim=(0, 100))
+    eval_ax.set_title("held-out accuracy, 1,000 test digits (%)", fontsize=10)
+    eval_ax.grid(True, alpha=0.3)
+    loss_ax.legend(fontsize=7)
+    eval_ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("AlexNet, full width, 224 px, bundled digits: each initialisation", fontsize=11)
     fig.tight_layout()
     fig.savefig(out)
 

@@ -2,7 +2,7 @@
 
     python benchmarks/input_rate.py --config=configs/alexnet.py --config.data.name=image_folder \\
         --config.data.manual_dir=DIR --config.input.batch_size=32 [--steps=30] [--rounds=3] \\
-        [--compare]
+        [--compare | --form=resize_then_crop]
 
 Times `cnn_jax.data.pipeline.train_dataset` (read, decode, augment, batch: what a training
 step waits on, without the transfer to devices) over --steps batches after a warm-up, in
@@ -11,7 +11,8 @@ per CPU-second of this process (user + system time of all its threads, getrusage
 of one core, which other processes' load on a shared machine changes far less than the
 wall-clock rate. With --compare each round also times the resize-then-crop form of the op
 (its PreprocessSpec.reference: the whole image decoded and rescaled), alternating, so both see
-the same machine.
+the same machine. --form=resize_then_crop times only that form (to profile it alone, e.g.
+under `perf record`, as docs/input_pipeline.md does).
 """
 
 import json
@@ -68,7 +69,13 @@ def time_round(source, prep, config, steps: int, warmup: int) -> dict:
     return {"images_per_sec": images / wall, "images_per_cpu_sec": images / cpu}
 
 
-def run(config, *, steps: int, rounds: int, warmup: int, compare: bool) -> dict:
+# The op as registered, and its resize-then-crop form (PreprocessSpec.reference).
+FORMS = ("decode_patch", "resize_then_crop")
+
+
+def run(
+    config, *, steps: int, rounds: int, warmup: int, compare: bool, form: str = FORMS[0]
+) -> dict:
     import dataclasses
 
     from cnn_jax import experiment
@@ -76,11 +83,13 @@ def run(config, *, steps: int, rounds: int, warmup: int, compare: bool) -> dict:
 
     source, prep = experiment.source(config), experiment.preprocessing(config)
     current = prep.spec
-    variants = {"decode_patch": current}
-    if compare:
-        if current.reference is None:
-            raise UserError(f"--compare: preprocess {prep.name!r} has no reference form")
-        variants["resize_then_crop"] = dataclasses.replace(current, fn=current.reference)
+    names = FORMS if compare else (form,)
+    if "resize_then_crop" in names and current.reference is None:
+        raise UserError(f"preprocess {prep.name!r} has no resize-then-crop form to time")
+    specs = {"decode_patch": current}
+    if current.reference is not None:
+        specs["resize_then_crop"] = dataclasses.replace(current, fn=current.reference)
+    variants = {name: specs[name] for name in names}
     times = {name: [] for name in variants}
     try:
         for _ in range(rounds):
@@ -125,9 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     flags.DEFINE_integer(
         "warmup", 3, "Untimed batches before each round.", lower_bound=0, flag_values=fv
     )
-    flags.DEFINE_bool(
-        "compare", False, "Also time the resize-then-crop op, alternating.", flag_values=fv
-    )
+    flags.DEFINE_bool("compare", False, "Time both forms of the op, alternating.", flag_values=fv)
+    flags.DEFINE_enum("form", FORMS[0], FORMS, "The form timed without --compare.", flag_values=fv)
     if not cli.parse_tool_flags(argv, fv, __doc__):
         return
 
@@ -135,7 +143,12 @@ def main(argv: list[str] | None = None) -> None:
         if fv.config is None:
             raise UserError("--config=configs/X.py[:arg] is required")
         result = run(
-            fv.config, steps=fv.steps, rounds=fv.rounds, warmup=fv.warmup, compare=fv.compare
+            fv.config,
+            steps=fv.steps,
+            rounds=fv.rounds,
+            warmup=fv.warmup,
+            compare=fv.compare,
+            form=fv.form,
         )
         print(json.dumps(result))
 

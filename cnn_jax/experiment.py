@@ -22,6 +22,7 @@ import ml_collections
 from cnn_jax import evaluate, finetune, losses, models, optim, parallel, paths, sdlm, validation
 from cnn_jax.data import datasets, pipeline, preprocess
 from cnn_jax.errors import UserError
+from cnn_jax.models import ops as model_ops
 from cnn_jax.weights import metadata as weights_metadata
 
 # Config fields (group, field) that name a directory. A shell leaves `~` alone in
@@ -106,9 +107,9 @@ def resolve(
             process_count=process_count,
         )
     if c.run.half_precision is None:
-        # bfloat16 on GPU and TPU, whose matrix units run it at twice float32's rate or more;
-        # float32 on CPU, where it only adds conversions (docs/performance.md).
-        c.run.half_precision = jax.default_backend() in ("gpu", "tpu")
+        # bfloat16 where the backend's kernels run it faster than float32 (GPU, TPU); not on
+        # CPU, with or without AVX512_BF16 (ops.bfloat16_is_faster, docs/performance.md).
+        c.run.half_precision = model_ops.bfloat16_is_faster(jax.default_backend())
     c.data.num_classes = source(c).classes
     _recorded_mean_rgb(c, workdir)
     return c

@@ -361,6 +361,29 @@ def test_config_is_the_papers_recipe():
     assert (c.optim.learning_rate, c.optim.schedule, c.run.num_epochs) == (0.01, "plateau", 90.0)
     assert c.model.dropout_rate == 0.5 and c.input.preprocess == "alexnet"
     assert c.model.init == "paper"  # Sec. 5, for ImageNet
+    digits = _load_config("digits")  # the paper's net and optimiser; Caffe's init
+    assert (digits.model.init, digits.model.width_divisor, digits.input.image_size) == (
+        "caffe",
+        1,
+        224,
+    )
+    assert (digits.data.name, digits.input.batch_size, digits.input.preprocess) == (
+        "bundled_digits",
+        32,
+        "alexnet",
+    )
+    assert (digits.optim.name, digits.optim.momentum, digits.optim.weight_decay) == (
+        "sgd",
+        0.9,
+        5e-4,
+    )
+    assert (digits.optim.learning_rate, digits.optim.schedule, digits.optim.step_factor) == (
+        0.01,
+        "step",
+        0.1,
+    )
+    with pytest.raises(UserError, match="takes two_tower, single_tower or digits, not 'x'"):
+        _load_config("x")
     single = _load_config("single_tower")
     assert single.model.name == "alexnet_single_tower"
     single.data.name = "synthetic"

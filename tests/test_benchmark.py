@@ -8,6 +8,7 @@ import os
 import pytest
 
 from cnn_jax import benchmark, defaults, experiment
+from cnn_jax.models import ops
 
 
 def _tiny_config():
@@ -87,6 +88,8 @@ def test_fields_are_present_and_positive(result):
         result["flops_per_image"] * result["images_per_sec"]
     )
     assert result["peak_flops_per_sec"] is None and result["mfu"] is None  # no CPU peak
+    assert result["step_cpu_ms"] > 0 and len(result["load_average"]) == 2
+    assert set(result["cpu_flags"]) <= ops.REPORTED_CPU_FLAGS
 
 
 def test_flops_per_image_matches_the_layer_arithmetic(result):
@@ -113,6 +116,19 @@ def test_torch_reference_runs_beside_it(result):
     assert result["ratio"] == pytest.approx(result["torch_step_ms"] / result["step_ms"])
     t10, t90 = result["torch_step_ms_p10_p90"]
     assert t10 <= result["torch_step_ms"] <= t90
+    assert len(result["ratio_per_round"]) == 2  # one per alternating round
+    assert min(result["ratio_per_round"]) <= result["ratio_median_of_rounds"]
+    assert result["ratio_median_of_rounds"] <= max(result["ratio_per_round"])
+    assert result["cpu_ratio"] == pytest.approx(result["torch_step_cpu_ms"] / result["step_cpu_ms"])
+
+
+def test_timings_pair_rounds_in_order():
+    timings = benchmark.Timings()
+    for seconds, r in ((3.0, 0), (1.0, 0), (2.0, 0), (5.0, 1)):
+        timings.add(lambda: None, r)
+        timings.wall[-1] = seconds
+    assert timings.round_medians() == [2.0, 5.0]
+    assert len(timings.cpu) == 4 and all(c >= 0 for c in timings.cpu)
 
 
 def test_cpu_cores_become_devices_that_divide_the_batch(monkeypatch):
@@ -152,3 +168,27 @@ def _load_config(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="the optional torch extra is not installed")
+@pytest.mark.parametrize("variant,batch_norm", [("A", False), ("C", True), ("A-LRN", False)])
+def test_torch_vgg_has_the_same_parameter_count(variant, batch_norm):
+    """The PyTorch reference is the same network: as many parameters as cnn_jax's VGG (with
+    batch norm, its running statistics are buffers in both, not parameters)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cnn_jax import models
+
+    fields = {"variant": variant, "batch_norm": batch_norm, "width_divisor": 16}
+    net = models.build_model("vgg", num_classes=10, dtype=jnp.float32, **fields)
+    shapes = jax.eval_shape(
+        lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    )
+    want = sum(x.size for x in jax.tree.leaves(shapes["params"]))
+    trainer = _torch_reference().__globals__["TorchTrainer"](
+        "vgg", channels=3, image_size=32, batch_size=2, num_classes=10,
+        model_fields={**fields, "dropout_rate": 0.5},
+    )  # fmt: skip
+    assert sum(p.numel() for p in trainer.model.parameters()) == want
+    assert trainer.step() > 0  # and it trains: forward, backward and update run

@@ -92,6 +92,32 @@ def _ramp(h: int, w: int) -> np.ndarray:
     return np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8)
 
 
+@pytest.mark.parametrize(
+    "hw,side,size",
+    [
+        ((75, 100), 51, 44),  # ImageNet's 375 -> 256 ratio: 3 taps per sample
+        ((190, 150), 40, 32),  # shrunk ~3.7x, by a different step per axis: 8 taps
+        ((30, 45), 64, 56),  # upsampled: half-width 1
+    ],
+)
+def test_tap_resampling_equals_resize_then_crop(hw, side, size):
+    """rescaled_patch's resampling (preprocess._resample: each pass a gathered, weighted
+    batch of rows, 2-D transposes between them) against tf.image.resize of the whole image
+    and a slice, at opposite corners and mirrored, for shrink factors with 3 and 8 taps per
+    sample and for upsampling (2 taps)."""
+    pixels = np.random.default_rng(sum(hw)).integers(0, 256, (*hw, 3)).astype(np.uint8)
+    image = tf.constant(pixels)
+    rescaled = preprocess.resize_shorter_side(image, side).numpy()
+    free = np.array(rescaled.shape[:2]) - size
+    for top, left in ((0, 0), (free[0], free[1]), (free[0] // 2, 1)):
+        for mirror in (False, True):
+            at = lambda new_hw, corner=(top, left): tf.constant(corner)
+            got = preprocess.rescaled_patch(image, side, at, size, tf.constant(mirror)).numpy()
+            want = rescaled[top : top + size, left : left + size]
+            want = want[:, ::-1] if mirror else want
+            np.testing.assert_allclose(got, want, atol=SAME_VIEW_LEVELS, err_msg=(top, left))
+
+
 def test_window_geometry_puts_every_sample_where_the_full_resize_does():
     """A 74x100 ramp halved to AlexNet's 37 (image_size=32): the rescaled pixel r samples the
     source at 2r + 1 (pixel centres at k + 0.5) with a triangle over sources 2r-1 .. 2r+2, so on

@@ -29,9 +29,9 @@ CONVS = {
     ),
     "strided, many maps": ((2, 9, 9, 20), (3, 3, 20, 24), (2, 2), "SAME", 1),
     # Maps of 28x28 and more (VGG): the kernel gradient as one matmul per kernel tap.
-    "28x28 map, many maps (VGG)": ((1, 28, 28, 20), (3, 3, 20, 24), (1, 1), "SAME", 1),
-    "28x28 map, 1x1 kernel (VGG-C)": ((1, 28, 28, 20), (1, 1, 20, 24), (1, 1), "VALID", 1),
-    "28x28 map, uneven padding": ((1, 27, 28, 20), (3, 3, 20, 24), (1, 1), [(2, 1), (0, 2)], 1),
+    "28x28 map, many maps (VGG)": ((1, 28, 28, 20), (3, 3, 20, 128), (1, 1), "SAME", 1),
+    "28x28 map, 1x1 kernel (VGG-C)": ((1, 28, 28, 20), (1, 1, 20, 128), (1, 1), "VALID", 1),
+    "28x28 map, uneven padding": ((1, 27, 28, 3), (3, 3, 3, 128), (1, 1), [(2, 1), (0, 2)], 1),
 }
 
 
@@ -58,12 +58,13 @@ def test_conv_matches_lax_in_value_and_gradients(name):
 def test_kernel_gradient_by_taps_only_at_stride_one_on_large_maps():
     """The cases above that must take the per-tap kernel gradient do, and AlexNet's maps
     (13x13, 27x27) and strided convolutions keep XLA's own."""
-    at = lambda side, strides=(1, 1), pads=((1, 1), (1, 1)): ops._use_tap_kernel_gradient(
-        jnp.zeros((1, side, side, 4)), strides, pads
-    )
-    assert at(28) and at(224)
-    assert not at(27) and not at(13) and not at(56, strides=(2, 2))
-    assert not at(28, pads=((-1, 0), (0, 0)))
+
+    def at(side, maps=128, strides=(1, 1), pads=((1, 1), (1, 1))):
+        return ops._use_tap_kernel_gradient(jnp.zeros((1, side, side, maps)), strides, pads)
+
+    assert at(28) and at(112, maps=512)
+    assert not at(27) and not at(13) and not at(224, maps=64)  # AlexNet; VGG's block 1
+    assert not at(56, strides=(2, 2)) and not at(28, pads=((-1, 0), (0, 0)))
 
 
 def test_conv_in_bfloat16_returns_bfloat16():
@@ -247,3 +248,31 @@ def test_both_poolings_agree(window, stride):
     np.testing.assert_array_equal(
         layers.max_pool(x, window, stride), layers.flax_max_pool(x, window, stride)
     )
+
+
+# Two processors of a /proc/cpuinfo (Linux), trimmed: an AVX2-only CPU's flags first.
+FAKE_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+flags\t\t: fpu sse2 avx avx2 fma
+bugs\t\t: sysret_ss_attrs
+
+processor\t: 1
+flags\t\t: fpu sse2 avx avx2 fma
+"""
+
+
+def test_cpu_flags_from_cpuinfo_decide_bfloat16_arithmetic(tmp_path):
+    avx2 = ops.parse_cpu_flags(FAKE_CPUINFO)
+    assert avx2 == {"fpu", "sse2", "avx", "avx2", "fma"} and not ops.cpu_has_bfloat16(avx2)
+    zen4 = ops.parse_cpu_flags(FAKE_CPUINFO.replace("fma", "fma avx512f avx512_bf16"))
+    assert ops.cpu_has_bfloat16(zen4) and ops.cpu_has_bfloat16(frozenset({"amx_bf16"}))
+    path = tmp_path / "cpuinfo"
+    path.write_text(FAKE_CPUINFO)
+    assert ops.cpu_features(str(path)) == avx2
+    assert ops.cpu_features(str(tmp_path / "absent")) == frozenset()  # macOS, Windows
+    assert ops.parse_cpu_flags("processor\t: 0\n") == frozenset()
+
+
+def test_bfloat16_is_the_default_only_where_the_kernels_run_it_faster():
+    assert ops.bfloat16_is_faster("gpu") and ops.bfloat16_is_faster("tpu")
+    assert not ops.bfloat16_is_faster("cpu")  # XLA:CPU's convolutions are float32 only

@@ -54,7 +54,7 @@ def plot(runs: list[tuple[str, list[dict]]], out: str, title: str) -> None:
         ax_acc.plot(*series(records, "eval", "accuracy"), "o-", markersize=3, label=label)
         ax_loss.plot(*series(records, "train", "loss"), "-", linewidth=1, label=label)
     ax_acc.set(xlabel="step", ylabel="held-out top-1 accuracy", ylim=(0, 1.02))
-    ax_loss.set(xlabel="step", ylabel="training loss (mean over logged steps)")
+    ax_loss.set(xlabel="step", ylabel="training loss (mean of each logged window)")
     ax_loss.set_yscale("log")  # the first steps' losses would flatten the rest
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)

@@ -222,9 +222,9 @@ def _tap_weights(size: int, n, first, step):
     half_width = tf.maximum(tf.abs(step), 1.0)[:, None]
     x = first[:, None] + tf.range(size, dtype=tf.float32) * step[:, None]  # [2, size]
     # ScaleAndTranslate's support of each sample and triangle weights, exactly.
-    top = tf.cast(n - 1, tf.float32)[:, None]
-    start = tf.clip_by_value(tf.math.ceil(x - half_width - 0.5), 0.0, top)
-    end = tf.clip_by_value(tf.floor(x + half_width - 0.5), 0.0, top) + 1.0
+    # (The window holds every sample, so only its supports' outer ends can need clipping.)
+    start = tf.maximum(tf.math.ceil(x - half_width - 0.5), 0.0)
+    end = tf.minimum(tf.floor(x + half_width - 0.5), tf.cast(n - 1, tf.float32)[:, None]) + 1.0
     taps = tf.cast(tf.reduce_max(end - start), tf.int32)  # 3 for ImageNet's 375 -> 256
     source = start[..., None] + tf.range(taps, dtype=tf.float32)
     distance = tf.abs(source + 0.5 - x[..., None]) / half_width[..., None]
@@ -272,20 +272,21 @@ _JPEG_IMCU_WIDTH = 16
 
 def _source_and_window(image, geometry):
     """Decode no more of `image` than its window asks: geometry(hw) gives (window [top,
-    left, height, width], ...) for a source of size hw. Returns (uint8 [height, width, 3]
-    pixels, the rest of geometry(hw)): one tf.cond (JPEG or not) per image."""
+    left, height, width], first, step) for a source of size hw, as patch_window does. Returns
+    (uint8 [height, width, 3] pixels, first, step), `first` relative to the window as decoded
+    (a JPEG's may start a few columns left of the one asked): one tf.cond per image."""
 
     def window_of(pixels, hw):
-        window, *rest = geometry(hw)
+        window, first, step = geometry(hw)
         top, left, height, width = tf.unstack(window)
-        return (pixels[top : top + height, left : left + width], *rest)
+        return pixels[top : top + height, left : left + width], first, step
 
     if image.dtype != tf.string:  # an already-decoded image (MNIST, CIFAR-10): slice it
-        pixels, *rest = window_of(image, tf.shape(image)[:2])
-        return (with_channels(pixels, 3), *rest)
+        pixels, first, step = window_of(image, tf.shape(image)[:2])
+        return with_channels(pixels, 3), first, step
 
     def jpeg():
-        window, first, *rest = geometry(tf.image.extract_jpeg_shape(image)[:2])
+        window, first, step = geometry(tf.image.extract_jpeg_shape(image)[:2])
         # libjpeg-turbo decodes a cropped row from the iMCU column boundary at or left of
         # the window (16 pixels for 4:2:0 and 4:2:2 chroma); a window that starts elsewhere
         # is decoded into a scratch row and copied out, row by row. Starting it there costs
@@ -294,7 +295,7 @@ def _source_and_window(image, geometry):
         window = window - tf.concat([widen, -widen], 0)
         # Three channels, as `decoded` asks: a CMYK or grey JPEG comes out RGB.
         pixels = tf.image.decode_and_crop_jpeg(image, window, channels=3)
-        return (pixels, first + tf.cast(widen, tf.float32), *rest)
+        return pixels, first + tf.cast(widen, tf.float32), step
 
     def other():  # other formats (PNG) have no partial decoder: decode them whole, then slice
         whole = tf.io.decode_image(image, channels=3, expand_animations=False)
@@ -331,7 +332,9 @@ def rescaled_patch(image, side, offset_of, size: int, mirror=False):
         )
         return tf.cond(mirror, lambda: tf.reverse(patch, [1]), lambda: patch)
 
-    on_pixels = tf.reduce_all(tf.equal(step, 1.0)) & tf.reduce_all(tf.equal(first % 1.0, 0.5))
+    # A step of 1 is an image already at the scale, new_hw == hw, whose samples then sit at
+    # pixel centres, top_left + 0.5 - low.
+    on_pixels = tf.reduce_all(tf.equal(step, 1.0))
     return tf.ensure_shape(tf.cond(on_pixels, sliced, resampled), [size, size, 3])
 
 

@@ -58,6 +58,19 @@ def cpu_has_bfloat16(flags: frozenset[str]) -> bool:
     return bool(flags & BFLOAT16_CPU_FLAGS)
 
 
+def bfloat16_is_faster(backend: str) -> bool:
+    """Whether a training step computes faster in bfloat16 than in float32 on `backend` (the
+    default of run.half_precision). GPUs and TPUs run bfloat16 on matrix units at twice
+    float32's rate or more. XLA:CPU's fast kernels decide it on a CPU, not the CPU's flags:
+    its convolutions (YNNPACK's) take float32 only, so a bfloat16 network computes them in
+    float32 (`_conv_cpu_float32`) and pays the conversions, and its bfloat16 dot products,
+    though they use AVX512_BF16, are slower than float32's once their gradients are counted.
+    On an AVX512_BF16 CPU bfloat16 takes 1.00x float32's CPU time per step for AlexNet and
+    0.95x for LeNet-5, within noise, and its fully-connected layers 1.1-1.3x
+    (docs/performance.md), so it is float32 on every CPU."""
+    return backend in ("gpu", "tpu")
+
+
 # YNNPACK (XLA:CPU's fast convolution library) takes a convolution only when its input or
 # output has more than this many feature maps (xla/backends/cpu/ynn_support.cc).
 _YNN_MIN_FEATURES = 16
@@ -238,15 +251,18 @@ def _conv_cpu_bwd(strides, pads, precision, residuals, g):
 _conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
 
 # XLA:CPU computes a kernel gradient as a convolution whose window is the whole output map
-# and whose feature dimension is the batch; on maps of 28x28 and more with 64-512 maps (VGG's
-# blocks 1-4) that runs 1.3-5x slower than one matmul per kernel tap (docs/performance.md);
-# on AlexNet's 13x13 and 27x27 maps XLA's own is faster.
+# and whose feature dimension is the batch; on maps of 28x28 and more with 128-512 output maps
+# (VGG's blocks 2-4) that runs 1.2-5x slower than one matmul per kernel tap, each of which
+# copies the shifted input once (docs/performance.md). With 64 output maps (VGG's block 1) the
+# copies cost more than they save, and on AlexNet's 13x13 and 27x27 maps XLA's own is faster.
 _TAP_GRADIENT_MIN_SIDE = 28
+_TAP_GRADIENT_MIN_MAPS = 128
 
 
 def _use_tap_kernel_gradient(g, strides, pads) -> bool:
-    """Stride 1, no cropping, and an output map of at least _TAP_GRADIENT_MIN_SIDE a side."""
-    big = min(g.shape[1:3]) >= _TAP_GRADIENT_MIN_SIDE
+    """Stride 1, no cropping, and an output of at least _TAP_GRADIENT_MIN_SIDE a side and
+    _TAP_GRADIENT_MIN_MAPS maps."""
+    big = min(g.shape[1:3]) >= _TAP_GRADIENT_MIN_SIDE and g.shape[3] >= _TAP_GRADIENT_MIN_MAPS
     return big and strides == (1, 1) and all(p >= 0 for pad in pads for p in pad)
 
 
