@@ -25,6 +25,7 @@ and fc7's dead units over the first steps of the runs measured by the first form
 held-out accuracy of the cnn_jax.main runs (the workdirs with evaluations).
 """
 
+import collections
 import json
 import os
 import sys
@@ -35,6 +36,7 @@ from cnn_jax import cli
 from cnn_jax.errors import UserError
 
 PROBE_STEPS = (1, 2, 3, 5, 10, 20, 30, 50, 100, 150, 200)
+LINE_STYLES = ("-", "--", ":", "-.")
 
 
 def probe_function(model):
@@ -109,9 +111,6 @@ def run_label(workdir: str) -> str:
     label = f"{c['model'].get('init', 'paper')}, batch {c['input']['batch_size']}"
     if c["optim"].get("warmup_epochs"):
         label += f", warm-up {c['optim']['warmup_epochs']:g} epoch"
-    if c["optim"].get("schedule") == "step":
-        epochs = ", ".join(f"{e:g}" for e in c["optim"]["step_epochs"])
-        label += f", lr /10 at epoch {epochs}"
     if c["data"]["name"] == "synthetic":
         label += f", {c['data']['num_classes']} random classes"
     return label
@@ -129,7 +128,7 @@ def _images_seen(workdir: str, records: list[dict]) -> list[int]:
     return [r["step"] * batch for r in records]
 
 
-def _first_steps(axes, workdir: str, colour) -> None:
+def _first_steps(axes, workdir: str, style: dict) -> None:
     """Loss, gradient norm (every step) and fc7's dead units (the probes) of a measured run;
     a run that diverged says so in its label (its curve leaves the top of the plot)."""
     import math
@@ -141,19 +140,22 @@ def _first_steps(axes, workdir: str, colour) -> None:
         label += f" (loss {train[0]['loss']:.3g} at step 1, NaN at step {len(finite) + 1})"
     seen = _images_seen(workdir, finite)
     for ax, key in zip(axes[:2], ("loss", "grad_norm"), strict=True):
-        ax.plot(seen, [r[key] for r in finite], color=colour, lw=1.2, label=label)
+        ax.plot(seen, [r[key] for r in finite], lw=1.2, label=label, **style)
     probes = [r for r in probes if math.isfinite(r.get("fc7_sq_norm", math.nan))]
     axes[2].plot(
-        _images_seen(workdir, probes), [100 * r["fc7_dead"] for r in probes], "o-",
-        color=colour, lw=1.2, ms=3, label=label,
+        _images_seen(workdir, probes), [100 * r["fc7_dead"] for r in probes], marker="o",
+        lw=1.2, ms=3, label=label, **style,
     )  # fmt: skip
 
 
-def _held_out(ax, workdir: str, colour) -> None:
+def _held_out(ax, workdir: str, style: dict) -> None:
     evals = _records(workdir, "eval")
+    rates = sorted({round(r["learning_rate"], 9) for r in _records(workdir, "train")})
+    lr = " -> ".join(f"{r:g}" for r in reversed(rates))
+    schedule = f"lr {lr}" if len(rates) > 1 else f"lr {lr} throughout"
     ax.plot(
-        [r["step"] for r in evals], [100 * r["accuracy"] for r in evals], "o-",
-        color=colour, lw=1.2, ms=4, label=run_label(workdir),
+        [r["step"] for r in evals], [100 * r["accuracy"] for r in evals], marker="o",
+        lw=1.2, ms=4, label=f"{run_label(workdir)}, {schedule}", **style,
     )  # fmt: skip
 
 
@@ -170,15 +172,18 @@ def plot(out: str, workdirs: list[str]) -> None:
         raise UserError("--plot: give the run directories to draw as arguments")
     fig, grid = plt.subplots(2, 2, figsize=(11, 7.5), dpi=100)
     loss_ax, grad_ax, dead_ax, eval_ax = grid.ravel()
-    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3)
+    # One colour per init; the runs of one init on one panel take turns at the line styles.
+    colours = dict(zip(("paper", "caffe", "he"), ("C0", "C1", "C2"), strict=True))
+    drawn = collections.Counter()
     for workdir in workdirs:
         if not _records(workdir, "train"):
             raise UserError(f"{workdir} has no training records in metrics.jsonl")
-        colour = next(colours)
-        if _records(workdir, "probe"):
-            _first_steps((loss_ax, grad_ax, dead_ax), workdir, colour)
-        if _records(workdir, "eval"):
-            _held_out(eval_ax, workdir, colour)
+        init = run_config(workdir)["model"].get("init", "paper")
+        for kind, draw in (("probe", _first_steps), ("eval", _held_out)):
+            if _records(workdir, kind):
+                style = {"color": colours.get(init, "C3"), "ls": LINE_STYLES[drawn[kind, init] % 4]}
+                drawn[kind, init] += 1
+                draw((loss_ax, grad_ax, dead_ax) if kind == "probe" else eval_ax, workdir, style)
     loss_ax.axhline(2.3026, color="grey", ls=":", lw=1, label="chance, 10 classes (ln 10)")
     titles = {
         loss_ax: "training loss per step",

@@ -11,6 +11,7 @@ held-out accuracy reached each of --reach (how docs/learning.md measures VGG's w
 """
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -48,11 +49,21 @@ def first_step_reaching(steps: list[int], values: list[float], level: float) -> 
     return next((s for s, v in zip(steps, values, strict=True) if v >= level), None)
 
 
+def full_windows(steps: list[int], values: list[float]) -> tuple[list[int], list[float]]:
+    """The series without a last point whose logging window is under half the others' (the
+    run's final record averages the few steps after the last full window: a noisy point)."""
+    gaps = [b - a for a, b in itertools.pairwise(steps)]
+    if len(gaps) >= 2 and 2 * gaps[-1] < max(set(gaps), key=gaps.count):
+        return steps[:-1], values[:-1]
+    return steps, values
+
+
 def plot(runs: list[tuple[str, list[dict]]], out: str, title: str) -> None:
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
     for label, records in runs:
         ax_acc.plot(*series(records, "eval", "accuracy"), "o-", markersize=3, label=label)
-        ax_loss.plot(*series(records, "train", "loss"), "-", linewidth=1, label=label)
+        loss = full_windows(*series(records, "train", "loss"))
+        ax_loss.plot(*loss, "-", linewidth=1, label=label)
     ax_acc.set(xlabel="step", ylabel="held-out top-1 accuracy", ylim=(0, 1.02))
     ax_loss.set(xlabel="step", ylabel="training loss (mean of each logged window)")
     ax_loss.set_yscale("log")  # the first steps' losses would flatten the rest
