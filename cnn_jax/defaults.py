@@ -145,6 +145,13 @@ def _optim() -> ml_collections.ConfigDict:
     o.sdlm_every_steps = 0  # re-estimate every this many steps; 0: once per pass (the paper)
     o.sdlm_etas = (0.0005, 0.0002, 0.0001, 0.00005, 0.00001)
     o.sdlm_eta_passes = (2, 3, 3, 4)
+    # a batch step's eta: none (the paper's), sqrt (x sqrt(batch_size)), linear (x batch_size)
+    o.sdlm_batch_scaling = "none"
+    o.sdlm_scale_mu = False  # mu scaled by the same factor
+    o.sdlm_warmup_passes = 0.0  # the factor reached linearly over these passes
+    # more estimates in the first pass, geometrically spaced (dense in the first steps, where
+    # h grows by orders of magnitude from the paper's small initial weights); 0: none
+    o.sdlm_first_pass_estimates = 0
     return o
 
 

@@ -258,23 +258,38 @@ def _make_sdlm(
     every_steps=0,
     etas=sdlm.PAPER_ETAS,
     eta_passes=sdlm.PAPER_ETA_PASSES,
+    batch_scaling="none",
+    scale_mu=False,
+    warmup_passes=0.0,
+    first_pass_estimates=0,
 ) -> Optimizer:
-    """sdlm: the paper's per-example steps eta / (mu + h) * g (learning_rate, momentum and
-    the schedule fields do not apply; the plateau factor does), eta from `etas`, each for its
+    """sdlm: the paper's steps eta / (mu + h) * g (learning_rate, momentum and the schedule
+    fields do not apply; the plateau factor does), eta from `etas`, each for its
     `eta_passes`; h re-estimated before each pass on `samples` examples by
-    `curvature(params, images)` (sdlm.make_curvature). A step on a batch of `batch_size`
-    averaged gradients takes the batch's per-example steps at once: eta x batch_size."""
+    `curvature(params, images)` (sdlm.make_curvature), and `first_pass_estimates` times
+    more in the first pass (sdlm.geometric_steps). A step on a batch's averaged gradient
+    scales eta by `batch_scaling` (sdlm.BATCH_SCALINGS), reached over `warmup_passes`;
+    `scale_mu`: mu by the same factor, so that where h is small the step stays the paper's
+    eta / mu."""
     if curvature is None:
         raise ValueError("make_optimizer('sdlm') needs curvature= (sdlm.make_curvature)")
     eta = sdlm.paper_schedule(tuple(etas), tuple(eta_passes), steps_per_epoch)
+    scale = sdlm.batch_factor(batch_scaling, batch_size)
+    eta = sdlm.per_batch_step(eta, scale, int(warmup_passes * steps_per_epoch))
     tx = optax.chain(
         add_decayed_weights(weight_decay, trainable),
-        sdlm.scale_by_sdlm(mu),
+        sdlm.scale_by_sdlm(mu * scale if scale_mu else mu),
         optax.scale_by_learning_rate(eta),
         scale_by_plateau_factor(),
     )
     every = min(every_steps, steps_per_epoch) if every_steps > 0 else steps_per_epoch
-    hook = sdlm.EpochEstimate(curvature, samples, batch_size, every_steps=every)
+    hook = sdlm.EpochEstimate(
+        curvature,
+        samples,
+        batch_size,
+        every_steps=every,
+        extra_steps=sdlm.geometric_steps(first_pass_estimates, steps_per_epoch),
+    )
     return Optimizer(
         tx=train_only(tx, trainable),
         schedule=eta,
@@ -308,6 +323,10 @@ def check_fields(
     sdlm_every_steps: int = 0,
     sdlm_etas=sdlm.PAPER_ETAS,
     sdlm_eta_passes=sdlm.PAPER_ETA_PASSES,
+    sdlm_batch_scaling: str = "none",
+    sdlm_scale_mu: bool = False,
+    sdlm_warmup_passes: float = 0.0,
+    sdlm_first_pass_estimates: int = 0,
 ) -> None:
     """The optim group's fields, each in its range; one line naming the first that is not.
     (make_optimizer checks them too; a run checks them before it opens the data.)"""
@@ -318,8 +337,11 @@ def check_fields(
         sdlm_mu=(sdlm_mu, ">0"),
         sdlm_samples=(sdlm_samples, ">=1"),
         sdlm_every_steps=(sdlm_every_steps, ">=0"),
+        sdlm_warmup_passes=(sdlm_warmup_passes, ">=0"),
+        sdlm_first_pass_estimates=(sdlm_first_pass_estimates, ">=0"),
     )
     sdlm.paper_schedule(tuple(sdlm_etas), tuple(sdlm_eta_passes), steps_per_epoch=1)
+    sdlm.batch_factor(sdlm_batch_scaling, batch_size=1)
     _check_ranges(
         learning_rate=(learning_rate, ">0"),
         step_factor=(step_factor, ">0"),

@@ -19,6 +19,11 @@ Each stage's affine map is its Flax module, so both back-propagations are one VJ
 module at squared parameters and squared inputs (exact: the map is affine in each; a shared
 weight's VJP is the sum over its connections).
 
+The paper steps once per example; a step here takes a batch's mean gradient. How eta (and
+mu) scale with the batch and how often h is re-estimated in the first pass are the optim
+group's sdlm_* fields (BATCH_SCALINGS, geometric_steps); configs/lenet.py:sdlm sets the
+translation measured on MNIST (docs/models.md, "The minibatch translation").
+
 The RBF output and the MAP criterion (eq. 9, cnn_jax.losses.lenet_map). The derivatives start
 at the F6 outputs x, not at the RBF distances y: E = y_D + log(e^-j + sum_i e^-y_i) with
 y_i = ||x - c_i||^2. Its diagonal Gauss-Newton matrix with respect to x is
@@ -83,6 +88,40 @@ def paper_schedule(etas: Sequence[float], passes: Sequence[int], steps_per_epoch
         )
     ends = [steps_per_epoch * p for p in itertools.accumulate(passes)]
     return optax.join_schedules([optax.constant_schedule(e) for e in etas], ends)
+
+
+# How a step on a batch's averaged gradient scales the paper's per-example eta (App. C steps
+# once per example): "none", the paper's eta per step; "sqrt", x sqrt(batch_size), each step's
+# movement as noisy as one of the paper's per-example steps (the square-root rule, Krizhevsky
+# 2014, "One weird trick", Sec. 5); "linear", x batch_size, the same mean movement per pass
+# as the paper's (the batch's per-example steps taken at once).
+BATCH_SCALINGS = ("none", "sqrt", "linear")
+
+
+def batch_factor(scaling: str, batch_size: int) -> float:
+    if scaling not in BATCH_SCALINGS:
+        raise UserError(
+            f"--config.optim.sdlm_batch_scaling={scaling!r} is not one of: "
+            + ", ".join(BATCH_SCALINGS)
+        )
+    return {"none": 1.0, "sqrt": math.sqrt(batch_size), "linear": float(batch_size)}[scaling]
+
+
+def per_batch_step(eta: optax.Schedule, factor: float, warmup_steps: int) -> optax.Schedule:
+    """eta x factor per step on a batch's averaged gradient, reached linearly from the
+    paper's eta over `warmup_steps` (0: from the first step)."""
+    if warmup_steps <= 0 or factor == 1:
+        return lambda step: eta(step) * factor
+    ramp = optax.linear_schedule(1.0, factor, warmup_steps)
+    return lambda step: eta(step) * ramp(step)
+
+
+def geometric_steps(count: int, steps_per_epoch: int) -> frozenset:
+    """Up to `count` steps in (0, steps_per_epoch), spaced geometrically from step 1: h
+    changes fastest in the first steps, when the paper's small initial weights (App. A: +-2.4
+    / fan-in) grow by orders of magnitude, and more slowly as they settle."""
+    steps = (round(steps_per_epoch ** (k / count)) for k in range(count))
+    return frozenset(s for s in steps if 0 < s < steps_per_epoch)
 
 
 def find_sdlm_state(opt_state) -> SDLMState:
@@ -223,10 +262,11 @@ class EpochEstimate:
     samples: int
     batch_size: int
     every_steps: int  # steps_per_epoch: the paper's once per pass
+    extra_steps: frozenset = frozenset()  # more estimates, before these steps
 
     def due(self, step: int) -> bool:
         """Whether the loop calls the hook before `step`."""
-        return step % self.every_steps == 0
+        return step % self.every_steps == 0 or step in self.extra_steps
 
     @property
     def num_batches(self) -> int:

@@ -7,8 +7,12 @@ It is compiled once over the mesh by cnn_jax.parallel, as are the evaluators' st
 checkpoint (`itstime`), and writes what happened.
 """
 
+import contextlib
 import functools
+import gc
+import itertools
 import json
+import threading
 import time
 from typing import Any
 
@@ -132,8 +136,10 @@ def state_specs(state: TrainState, model, tx) -> TrainState:
     )
 
 
-def create_train_state(seed: int, model, tx, mesh, input_shape) -> TrainState:
-    """Initialise the state directly into its sharding on the mesh (no host copy)."""
+def state_init(model, tx, input_shape):
+    """The new state as a function of a PRNG key. JAX traces a function once for given
+    shapes: a caller that keeps it (Trainer) traces the model's initialisation once, for the
+    state's layout and for its program."""
 
     def init(rng):
         init_rng, state_rng = jax.random.split(rng)
@@ -148,6 +154,13 @@ def create_train_state(seed: int, model, tx, mesh, input_shape) -> TrainState:
             rng=state_rng,
         )
 
+    return init
+
+
+def create_train_state(seed: int, model, tx, mesh, input_shape, init=None) -> TrainState:
+    """Initialise the state directly into its sharding on the mesh (no host copy); `init`:
+    state_init's function for these, where the caller keeps one."""
+    init = init or state_init(model, tx, input_shape)
     abstract = jax.eval_shape(init, jax.random.key(0))
     out_shardings = parallel.shardings(mesh, state_specs(abstract, model, tx))
     return jax.jit(init, out_shardings=out_shardings)(jax.random.key(seed))
@@ -172,17 +185,20 @@ class Trainer:
         self.total_steps = experiment.loop.total_steps
         self.input_shape = experiment.input_shape
         self.batch_size = experiment.batch_size
+        self._init = state_init(self.model, self.tx, self.input_shape)
         self.evaluators = tuple(
             e.bind(self._compile_eval_step, self._eval_batches) for e in experiment.evaluators
         )
 
     def init_state(self) -> TrainState:
         seed = self.experiment.loop.seed
-        return create_train_state(seed, self.model, self.tx, self.mesh, self.input_shape)
+        mesh, shape = self.mesh, self.input_shape
+        return create_train_state(seed, self.model, self.tx, mesh, shape, init=self._init)
 
     @functools.cached_property
     def _specs(self):
-        return state_specs(jax.eval_shape(self.init_state), self.model, self.tx)
+        abstract = jax.eval_shape(self._init, jax.random.key(0))  # init_state's trace
+        return state_specs(abstract, self.model, self.tx)
 
     def abstract_state(self) -> TrainState:
         """The state's shapes, dtypes and shardings without computing it: a restore target
@@ -225,6 +241,21 @@ class Trainer:
         ds = self.experiment.train_batches(start_step)
         return pipeline.global_batches(ds, parallel.batch_sharding(self.mesh), self.batch_size)
 
+    def train_batch_spec(self) -> dict:
+        """The shapes, dtypes and sharding of every batch train_batches yields (the pipeline's
+        float32 images and int32 labels; tests/test_compile_cache.py compares a real batch)."""
+        sharding = parallel.batch_sharding(self.mesh)
+        shapes = {"image": (self.batch_size, *self.input_shape[1:]), "label": (self.batch_size,)}
+        dtypes = {"image": jnp.float32, "label": jnp.int32}
+        return {k: jax.ShapeDtypeStruct(shapes[k], dtypes[k], sharding=sharding) for k in shapes}
+
+    def compile_train_step(self, state: TrainState) -> None:
+        """Compile the train step for `state` and train_batch_spec() before the first batch
+        exists (jit keeps the program, so the first call runs it at once); the pmap path
+        (mesh.spmd='pmap') compiles at its first call instead."""
+        if hasattr(self.train_step, "trace"):
+            self.train_step.trace(state, self.train_batch_spec()).lower().compile()
+
     def evaluate(self, state: TrainState) -> list[tuple[str, dict]]:
         """(name, metrics) of every evaluator, the first being the one the schedule follows."""
         return [(e.name, e.run(state)) for e in self.evaluators]
@@ -258,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     cnn_jax.divergence; docs/failures.md). The workdir is locked for the whole run: a second
     run on it is refused (cnn_jax.paths).
     """
-    with paths.locked_workdir(workdir) as workdir:  # before anything compiles
+    with _loaded_modules_frozen(), paths.locked_workdir(workdir) as workdir:  # before compiling
         trainer = build_trainer(config, workdir)
         loop = trainer.experiment.loop
         ckpt = checkpoint.Checkpointer(
@@ -272,6 +303,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             return _train(trainer, ckpt, workdir)
         finally:
             ckpt.close()  # waits for a save in flight: the last good checkpoint lands whole
+
+
+@contextlib.contextmanager
+def _loaded_modules_frozen():
+    """What the process holds so far (the loaded modules of TensorFlow, JAX, Flax and Orbax:
+    about 500,000 objects) kept out of the garbage collector's full passes until the run
+    ends. They live as long as the process, so those passes only walk them, and one of them
+    came in the middle of tracing the first step: 0.5 s of a 2 s warm start
+    (docs/performance.md). Unfrozen afterwards, so that a caller's garbage is collected."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _check_same_run(record: dict, ckpt: checkpoint.Checkpointer, workdir: str) -> None:
@@ -325,6 +370,7 @@ def _start_state(trainer: Trainer, ckpt: checkpoint.Checkpointer) -> tuple[Train
 def _train(trainer: Trainer, ckpt: checkpoint.Checkpointer, workdir: str) -> TrainState:
     began = time.perf_counter()  # the first step's line counts from here
     loop, optimizer = trainer.experiment.loop, trainer.experiment.optimizer
+    early = _EarlyBatches(trainer, ckpt.latest_step() or 0, loop.total_steps)
     state, resumed = _start_state(trainer, ckpt)
     start, total = int(state.step), loop.total_steps
     if start >= total:
@@ -332,13 +378,14 @@ def _train(trainer: Trainer, ckpt: checkpoint.Checkpointer, workdir: str) -> Tra
         shown = "" if record is None else f"; last eval: {json.dumps(record)}"
         print(f"Training already finished at step {start} in {workdir}{shown}")
         return state
+    trainer.compile_train_step(state)  # while the first batches are made
     checkpoint.write_config(trainer.record, workdir)
     reporter = reporting.Reporter(
         workdir, total_steps=total, start_step=start, progress_bar=loop.progress_bar
     )
     if start:
         reporter.message(f"Resuming from checkpoint at step {start} of {total}")
-    batches = trainer.train_batches(start)
+    batches = early.batches(start)
     window = _Window(trainer.batch_size, last_saved=start if resumed else None)
     replicated = parallel.replicated(trainer.mesh)
     # Ctrl-C before the first step is done (compiling it, filling the shuffle buffer) ends the
@@ -378,6 +425,40 @@ def _train(trainer: Trainer, ckpt: checkpoint.Checkpointer, workdir: str) -> Tra
             "the same command to continue"
         )
     return state
+
+
+class _EarlyBatches:
+    """The training batches from step `start`, built and the first of them fetched on a thread
+    of their own from the start of training on: tf.data's work (tracing the preprocessing,
+    filling the shuffle buffer) then runs while the state is initialised or restored and the
+    train step compiles. `start` is where the run is expected to resume (its newest
+    checkpoint's step); batch s depends on s alone, so a run that starts elsewhere (a newest
+    checkpoint that does not restore) gets a pipeline built at its own step instead."""
+
+    def __init__(self, trainer: Trainer, start: int, total: int):
+        self.trainer, self.start = trainer, start
+        self._first: list = []  # [the batches, their first] or [the exception raised]
+        self._thread = None
+        if start < total:  # else: training is finished, nothing to fetch
+            self._thread = threading.Thread(target=self._fetch_first, daemon=True)
+            self._thread.start()
+
+    def _fetch_first(self) -> None:
+        try:
+            batches = self.trainer.train_batches(self.start)
+            self._first = [batches, next(batches)]
+        except BaseException as e:  # raised where the batches are asked for
+            self._first = [e]
+
+    def batches(self, start: int):
+        """The batches from step `start`: the early ones if they start there."""
+        if self._thread is None or start != self.start:
+            return self.trainer.train_batches(start)
+        self._thread.join()
+        if len(self._first) == 1:
+            raise self._first[0]
+        rest, first = self._first
+        return itertools.chain([first], rest)
 
 
 def _before_epoch(optimizer, state: TrainState, batches):

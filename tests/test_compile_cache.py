@@ -26,6 +26,9 @@ REQUESTS = "/jax/compilation_cache/compile_requests_use_cache"
 HITS = "/jax/compilation_cache/cache_hits"
 MISSES = "/jax/compilation_cache/cache_misses"
 EVENTS_FILE = "CNN_JAX_TEST_CACHE_EVENTS"  # where a run writes its counts
+# A duration event of every compilation, whether XLA compiled it or the cache gave it.
+COMPILED = "/jax/core/compile/backend_compile_duration"
+TRAIN_STEP_COMPILED = f"{COMPILED} jit(train_step)"
 
 
 @pytest.fixture
@@ -142,6 +145,76 @@ def test_a_resumed_run_compiles_nothing(tmp_path):
     assert resumed.get(REQUESTS, 0) > 0 and resumed.get(HITS) == resumed[REQUESTS], resumed
     assert resumed.get(MISSES, 0) == 0
     assert _cache_files(cache) == written  # nothing new was written
+    # Compiled ahead of the first batch (train.Trainer.compile_train_step) for the batches
+    # that came: once per run, not again at the first step.
+    assert first[TRAIN_STEP_COMPILED] == 1 and resumed[TRAIN_STEP_COMPILED] == 1
+
+
+def _tiny_trainer():
+    """LeNet-5 modern on 32 synthetic digits, batches of 8 (over the tests' 8 devices)."""
+    from cnn_jax import train
+
+    config = defaults.get_default_config("lenet5_modern")
+    config.data.name, config.data.synthetic_channels = "synthetic", 1
+    config.data.synthetic_train_size, config.data.synthetic_eval_size = 32, 16
+    config.input.image_size, config.input.preprocess = 32, "lenet"
+    config.input.batch_size, config.run.num_train_steps = 8, 6
+    return train.build_trainer(config)
+
+
+def test_the_train_step_compiled_ahead_takes_the_first_batch_as_it_is():
+    """train_batch_spec is what the pipeline yields (shapes, dtypes, sharding), so the step
+    compiled for it before the first batch exists runs that batch without compiling again."""
+    import jax
+
+    trainer = _tiny_trainer()
+    state = trainer.init_state()
+    trainer.compile_train_step(state)
+    batch = next(trainer.train_batches(0))
+    got = {k: (v.shape, v.dtype, v.sharding) for k, v in batch.items()}
+    want = {k: (v.shape, v.dtype, v.sharding) for k, v in trainer.train_batch_spec().items()}
+    assert got == want
+    compiled = []
+
+    def listener(name, _, **kwargs):
+        if name == COMPILED:
+            compiled.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        state, metrics = trainer.train_step(state, batch)
+        jax.block_until_ready(metrics)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert int(state.step) == 1
+    assert "jit(train_step)" not in compiled, compiled
+
+
+def test_the_early_batches_are_the_steps_own(monkeypatch):
+    """train._EarlyBatches (built and first fetched on a thread while the state is made) gives
+    what train_batches gives from the step the run starts at, also when that is not the step
+    it expected (its newest checkpoint did not restore); the thread's error is raised where
+    the batches are asked for."""
+    import numpy as np
+
+    from cnn_jax import train
+    from cnn_jax.errors import UserError
+
+    trainer = _tiny_trainer()
+    for expected, start in ((2, 2), (5, 1)):
+        early = train._EarlyBatches(trainer, expected, total=6)
+        got, want = early.batches(start), trainer.train_batches(start)
+        for _ in range(5):  # across the epoch boundary (4 steps an epoch)
+            a, b = next(got), next(want)
+            np.testing.assert_array_equal(a["image"], b["image"])
+            np.testing.assert_array_equal(a["label"], b["label"])
+
+    def no_data(start_step):
+        raise UserError(f"no data at step {start_step}")
+
+    monkeypatch.setattr(trainer, "train_batches", no_data)
+    with pytest.raises(UserError, match="no data at step 3"):
+        train._EarlyBatches(trainer, 3, total=6).batches(3)
 
 
 def _count_cache_events_then_run_main(fault: str) -> None:
@@ -155,6 +228,12 @@ def _count_cache_events_then_run_main(fault: str) -> None:
 
     counts = collections.Counter()
     jax.monitoring.register_event_listener(lambda name, **_: counts.update([name]))
+
+    def count_compiled(name, _, fun_name="", **__):
+        if name == COMPILED:
+            counts.update([f"{name} {fun_name}"])
+
+    jax.monitoring.register_event_duration_secs_listener(count_compiled)
 
     def write_counts():
         with open(os.environ[EVENTS_FILE], "w") as f:

@@ -28,10 +28,17 @@ CONVS = {
         1,
     ),
     "strided, many maps": ((2, 9, 9, 20), (3, 3, 20, 24), (2, 2), "SAME", 1),
-    # Maps of 28x28 and more (VGG): the kernel gradient as one matmul per kernel tap.
-    "28x28 map, many maps (VGG)": ((1, 28, 28, 20), (3, 3, 20, 128), (1, 1), "SAME", 1),
-    "28x28 map, 1x1 kernel (VGG-C)": ((1, 28, 28, 20), (1, 1, 20, 128), (1, 1), "VALID", 1),
-    "28x28 map, uneven padding": ((1, 27, 28, 3), (3, 3, 3, 128), (1, 1), [(2, 1), (0, 2)], 1),
+    # Maps of 28x28 and more with 64 maps and more (VGG): the kernel gradient as one matmul
+    # of shifted copies.
+    "28x28 map, many maps (VGG)": ((1, 28, 28, 64), (3, 3, 64, 64), (1, 1), "SAME", 1),
+    "28x28 map, 1x1 kernel (VGG-C)": ((1, 28, 28, 64), (1, 1, 64, 128), (1, 1), "VALID", 1),
+    "28x28 map, uneven padding, 5x3 kernel": (
+        (1, 27, 28, 64),
+        (5, 3, 64, 72),
+        (1, 1),
+        [(3, 2), (0, 2)],
+        1,
+    ),
 }
 
 
@@ -55,16 +62,32 @@ def test_conv_matches_lax_in_value_and_gradients(name):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(jnp.abs(a).max()))
 
 
-def test_kernel_gradient_by_taps_only_at_stride_one_on_large_maps():
-    """The cases above that must take the per-tap kernel gradient do, and AlexNet's maps
-    (13x13, 27x27) and strided convolutions keep XLA's own."""
+def test_shifted_kernel_gradient_only_at_stride_one_on_large_maps():
+    """The cases above that must take the shifted-copies kernel gradient do, and AlexNet's
+    maps (13x13, 27x27), VGG's conv1_1 (3 input maps) and strided convolutions keep XLA's
+    own."""
 
-    def at(side, maps=128, strides=(1, 1), pads=((1, 1), (1, 1))):
-        return ops._use_tap_kernel_gradient(jnp.zeros((1, side, side, maps)), strides, pads)
+    def at(side, maps=128, in_maps=None, strides=(1, 1), pads=((1, 1), (1, 1))):
+        x = jnp.zeros((1, side, side, in_maps or maps))
+        return ops._use_shifted_kernel_gradient(x, jnp.zeros((1, side, side, maps)), strides, pads)
 
-    assert at(28) and at(112, maps=512)
-    assert not at(27) and not at(13) and not at(224, maps=64)  # AlexNet; VGG's block 1
+    assert at(28, maps=64) and at(224, maps=64) and at(112, maps=512)
+    assert not at(27) and not at(13) and not at(224, maps=64, in_maps=3)
     assert not at(56, strides=(2, 2)) and not at(28, pads=((-1, 0), (0, 0)))
+
+
+def test_shifted_kernel_gradient_is_the_convolutions():
+    """_kernel_gradient_by_shifts directly, on a shape too small for the rule to pick it:
+    uneven padding, a non-square kernel and more than one image."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 6, 7, 3)), jnp.float32)
+    pads = ((2, 0), (1, 3))
+    conv = lambda k: lax.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=NHWC)
+    k = jnp.zeros((3, 4, 3, 5))
+    g = jnp.asarray(rng.standard_normal(conv(k).shape), jnp.float32)
+    want = jax.vjp(conv, k)[1](g)[0]
+    got = ops._kernel_gradient_by_shifts(x, g, k.shape, pads, None)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
 def test_conv_in_bfloat16_returns_bfloat16():

@@ -7,8 +7,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cnn_jax import optim, sdlm
+from cnn_jax.errors import UserError
 from cnn_jax.models import layers, lenet
 
 J = 1.0
@@ -181,3 +183,59 @@ def test_hook_estimates_on_the_first_samples_and_hands_the_batches_back():
     np.testing.assert_allclose(sdlm.find_sdlm_state(opt_state).curvature["w"], [2.0, 2.0])
     assert [float(b["image"][0, 0]) for b in rest] == [0, 1, 2, 3, 4]
     assert hook.due(0) and hook.due(10) and not hook.due(5)
+
+
+def _one_update(opt, step, h, g):
+    """opt's update at `step` of the gradient g under curvature h."""
+    params = {"w": jnp.ones(3)}
+    state = sdlm.with_curvature(opt.tx.init(params), h)
+    for _ in range(step + 1):
+        updates, state = opt.tx.update(g, state, params)
+    return updates["w"]
+
+
+def test_batch_scaling_multiplies_eta_and_mu_where_asked():
+    h = {"w": jnp.asarray([0.0, 0.5, 3.0])}
+    g = {"w": jnp.asarray([1.0, -2.0, 0.5])}
+    for scaling, factor in (("none", 1.0), ("sqrt", 2.0), ("linear", 4.0)):  # batch 4
+        got = _one_update(_optimizer(sdlm_batch_scaling=scaling), 0, h, g)
+        np.testing.assert_allclose(got, -factor * 5e-4 / (0.02 + h["w"]) * g["w"], rtol=1e-6)
+    opt = _optimizer(sdlm_batch_scaling="linear", sdlm_scale_mu=True)
+    got = _one_update(opt, 0, h, g)
+    np.testing.assert_allclose(got, -4 * 5e-4 / (4 * 0.02 + h["w"]) * g["w"], rtol=1e-6)
+    np.testing.assert_allclose(got[0], -5e-4 / 0.02 * g["w"][0], rtol=1e-6)  # h = 0: eta / mu
+    assert abs(opt.learning_rate(0, opt.tx.init({"w": jnp.ones(3)})) - 4 * 5e-4) < 1e-9
+
+
+def test_batch_scaling_warmup_ramps_eta_to_the_scaled_eta():
+    opt = _optimizer(sdlm_batch_scaling="linear", sdlm_warmup_passes=1.0)  # 10 steps a pass
+    state = opt.tx.init({"w": jnp.ones(3)})
+    got = [opt.learning_rate(step, state) for step in (0, 5, 10, 15, 20)]
+    np.testing.assert_allclose(got, [5e-4, 2.5 * 5e-4, 4 * 5e-4, 4 * 5e-4, 4 * 2e-4], rtol=1e-6)
+
+
+def test_first_pass_estimates_are_geometric_and_extra_to_the_passes():
+    assert sorted(sdlm.geometric_steps(3, 10)) == [1, 2, 5]  # 10 ** (0, 1/3, 2/3)
+    dense_early = sorted(sdlm.geometric_steps(30, 1875))
+    assert dense_early[:6] == [1, 2, 3, 4, 5, 6] and dense_early[-1] < 1875
+    hook = _optimizer(sdlm_first_pass_estimates=3).before_epoch
+    assert [s for s in range(25) if hook.due(s)] == [0, 1, 2, 5, 10, 20]
+    assert [s for s in range(25) if _optimizer().before_epoch.due(s)] == [0, 10, 20]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("sdlm_batch_scaling", "cube"),
+        ("sdlm_warmup_passes", -1.0),
+        ("sdlm_first_pass_estimates", -2),
+    ],
+)
+def test_check_fields_names_a_bad_sdlm_field(field, value):
+    fields = dict(
+        name="sdlm", learning_rate=0.01, momentum=0.9, nesterov=False, weight_decay=0.0,
+        schedule="constant", step_epochs=(), step_factor=0.1, warmup_epochs=0.0,
+        plateau_patience=2, plateau_max_drops=3, plateau_min_delta=1e-4,
+    )  # fmt: skip
+    with pytest.raises(UserError, match=f"optim.{field}="):
+        optim.check_fields(**fields, **{field: value})

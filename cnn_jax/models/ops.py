@@ -240,8 +240,8 @@ def _conv_cpu_bwd(strides, pads, precision, residuals, g):
     padded = _pad(x, pads)
     if padded.shape[1:3] == kernel.shape[:2]:  # one output position: a matmul's gradient
         dkernel = jax.vjp(lambda k: _dot_form(padded, k, precision), kernel)[1](g)[0]
-    elif _use_tap_kernel_gradient(g, strides, pads):
-        dkernel = _kernel_gradient_by_taps(padded, g, kernel.shape, precision)
+    elif _use_shifted_kernel_gradient(x, g, strides, pads):
+        dkernel = _kernel_gradient_by_shifts(x, g, kernel.shape, pads, precision)
     else:  # XLA's own, the padding inside the convolution (not on a padded copy of x)
         as_conv = lambda k: _xla_conv(x, k, strides, pads, precision)
         dkernel = jax.vjp(as_conv, kernel)[1](g)[0]
@@ -251,40 +251,54 @@ def _conv_cpu_bwd(strides, pads, precision, residuals, g):
 _conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
 
 # XLA:CPU computes a kernel gradient as a convolution whose window is the whole output map
-# and whose feature dimension is the batch; on maps of 28x28 and more with 128-512 output maps
-# (VGG's blocks 2-4) that runs 1.2-5x slower than one matmul per kernel tap, each of which
-# copies the shifted input once (docs/performance.md). With 64 output maps (VGG's block 1) the
-# copies cost more than they save, and on AlexNet's 13x13 and 27x27 maps XLA's own is faster.
-_TAP_GRADIENT_MIN_SIDE = 28
-_TAP_GRADIENT_MIN_MAPS = 128
+# and whose feature dimension is the batch, which runs 1.3-8x slower than one matmul on VGG's
+# maps of 28x28 and more (docs/performance.md). On AlexNet's 13x13 and 27x27 maps, VGG's
+# 14x14 and with 3 input maps (conv1_1) XLA's own is as fast or faster.
+_SHIFTED_GRADIENT_MIN_SIDE = 28
+_SHIFTED_GRADIENT_MIN_MAPS = 64
 
 
-def _use_tap_kernel_gradient(g, strides, pads) -> bool:
-    """Stride 1, no cropping, and an output of at least _TAP_GRADIENT_MIN_SIDE a side and
-    _TAP_GRADIENT_MIN_MAPS maps."""
-    big = min(g.shape[1:3]) >= _TAP_GRADIENT_MIN_SIDE and g.shape[3] >= _TAP_GRADIENT_MIN_MAPS
-    return big and strides == (1, 1) and all(p >= 0 for pad in pads for p in pad)
+def _use_shifted_kernel_gradient(x, g, strides, pads) -> bool:
+    """Stride 1, no cropping, an output of at least _SHIFTED_GRADIENT_MIN_SIDE a side and
+    at least _SHIFTED_GRADIENT_MIN_MAPS input and output maps."""
+    big = min(g.shape[1:3]) >= _SHIFTED_GRADIENT_MIN_SIDE
+    maps = min(x.shape[3], g.shape[3]) >= _SHIFTED_GRADIENT_MIN_MAPS
+    return big and maps and strides == (1, 1) and all(p >= 0 for pad in pads for p in pad)
 
 
-def _kernel_gradient_by_taps(padded, g, kernel_shape, precision):
-    """The kernel gradient of a stride-1 convolution of `padded` (the input with its padding)
-    as one matmul per kernel tap: tap (i, j) is the window-shifted input, (batch * rows * cols,
-    C), contracted with the output gradient, (batch * rows * cols, O)."""
+def _kernel_gradient_by_shifts(x, g, kernel_shape, pads, precision):
+    """The kernel gradient of a stride-1 convolution of `x` (padding `pads`) as one matmul:
+
+        dk[i, j, c, o] = sum over n, y, x of columns[n, y, x, (j, c)] * rows[n, y, x, (i, o)]
+
+    where `columns` holds the kw column-shifted copies of the padded input side by side
+    (kw * C maps) and `rows` the kh row-shifted copies of the output gradient (kh * O maps),
+    both over the padded input's rows. One (kw*C, kh*O) product has every tap's
+    (C, O) block, with matmul operands wide enough to run at the CPU's peak; each copy is
+    one fused loop (a sum of zero-padded views, not a concatenation, which XLA:CPU would
+    write twice), 3(C + O) values per position against 9C for per-tap copies."""
     kh, kw, c, o = kernel_shape
     n, oh, ow, _ = g.shape
-    rows = g.reshape(n * oh * ow, o)
-    over_positions = (((0,), (0,)), ((), ()))
-    taps = [
-        lax.dot_general(
-            padded[:, i : i + oh, j : j + ow].reshape(n * oh * ow, c),
-            rows,
-            over_positions,
-            precision=precision,
-        )
-        for i in range(kh)
+    (top, bottom), (left, right) = pads
+    zero = jnp.zeros((), x.dtype)
+    columns = sum(
+        lax.pad(x, zero, [(0, 0, 0), (top, bottom, 0), (left - j, j + right - kw + 1, 0),
+                          (j * c, (kw - 1 - j) * c, 0)])
         for j in range(kw)
-    ]
-    return jnp.stack(taps).reshape(kernel_shape)
+    )  # fmt: skip
+    rows = sum(
+        lax.pad(g, zero, [(0, 0, 0), (i, kh - 1 - i, 0), (0, 0, 0), (i * o, (kh - 1 - i) * o, 0)])
+        for i in range(kh)
+    )
+    positions = n * (oh + kh - 1) * ow
+    over_positions = (((0,), (0,)), ((), ()))
+    product = lax.dot_general(
+        columns.reshape(positions, kw * c),
+        rows.reshape(positions, kh * o),
+        over_positions,
+        precision=precision,
+    )
+    return product.reshape(kw, c, kh, o).transpose(2, 0, 1, 3)
 
 
 def _dot_form(x, kernel, precision):
