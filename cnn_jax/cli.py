@@ -128,6 +128,8 @@ def setup_runtime(config=None) -> None:
         jax.distributed.initialize(**_process_args())
     elif config is not None:
         split_cpu_cores(config.mesh.cpu_devices, config.input.batch_size, config.mesh.model)
+    if config is not None:
+        tune_xla_cpu(config.model.name)
 
 
 # The persistent compilation cache: a rerun, a resume or another run of the same programs
@@ -284,6 +286,42 @@ def split_cpu_cores(cpu_devices: int, batch_size: int, model_axis: int) -> None:
     count = cpu_devices or _cores_dividing(batch_size, model_axis)
     if count > 1:
         jax.config.update("jax_num_cpu_devices", count)
+
+
+# XLA:CPU options per model, each measured against XLA's defaults in process CPU time per
+# training step (docs/performance.md, "CPU with AVX-512"). LeNet-5's paper net is ~140 small
+# operations, most of them element-wise (squashing, trainable subsampling, the RBF's
+# distances): letting YNNPACK run those as well ("+eltwise", beside the convolutions, dots and
+# reductions it takes by default) cuts its step's CPU time by 10-15%. The same option costs
+# AlexNet 6%, and VGG and the modern LeNet-5 nothing measurable, so they keep the defaults.
+# Experimental options come and go between releases, and XLA refuses an unknown flag, so they
+# are set only with the jaxlib they were measured on.
+XLA_CPU_OPTIONS = {"lenet5": {"xla_cpu_experimental_ynn_fusion_type": "+eltwise"}}
+XLA_CPU_OPTIONS_JAXLIB = "0.10."
+
+
+def tune_xla_cpu(model_name: str) -> None:
+    """Add the model's XLA:CPU options (XLA_CPU_OPTIONS) to XLA_FLAGS before the backend
+    starts, with the jaxlib they were measured on. One the user's XLA_FLAGS already sets is
+    left as the user set it; GPU and TPU backends ignore these CPU options. A process whose
+    backend is already up (a notebook's or a test's second run) is left alone: the options
+    would not reach its backend, only the processes it starts, which would then round
+    differently from it."""
+    import jaxlib
+    from jax._src import xla_bridge
+
+    if not jaxlib.__version__.startswith(XLA_CPU_OPTIONS_JAXLIB):
+        return
+    if xla_bridge.backends_are_initialized():
+        return
+    flags_set = os.environ.get("XLA_FLAGS", "")
+    extra = [
+        f"--{name}={value}"
+        for name, value in XLA_CPU_OPTIONS.get(model_name, {}).items()
+        if f"--{name}=" not in flags_set
+    ]
+    if extra:
+        os.environ["XLA_FLAGS"] = " ".join([flags_set, *extra]).strip()
 
 
 def _cores_dividing(batch_size: int, model_axis: int) -> int:

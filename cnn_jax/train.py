@@ -428,10 +428,13 @@ def _train(trainer: Trainer, ckpt: checkpoint.Checkpointer, workdir: str) -> Tra
 
 
 class _EarlyBatches:
-    """The training batches from step `start`, built and the first of them fetched on a thread
-    of their own from the start of training on: tf.data's work (tracing the preprocessing,
-    filling the shuffle buffer) then runs while the state is initialised or restored and the
-    train step compiles. `start` is where the run is expected to resume (its newest
+    """The training batches from step `start`, the first of them fetched on a thread of its
+    own from the start of training on: tf.data's work for it (the shuffle buffer filled, the
+    split's images read and decoded) runs while the state is initialised or restored and the
+    train step compiles. The pipeline is built before, on the calling thread: that is Python
+    (tracing the preprocessing), which on a thread would only contend with JAX's tracing for
+    the interpreter (on 2 busy cores the first step came 0.4 s later that way,
+    docs/performance.md). `start` is where the run is expected to resume (its newest
     checkpoint's step); batch s depends on s alone, so a run that starts elsewhere (a newest
     checkpoint that does not restore) gets a pipeline built at its own step instead."""
 
@@ -440,12 +443,13 @@ class _EarlyBatches:
         self._first: list = []  # [the batches, their first] or [the exception raised]
         self._thread = None
         if start < total:  # else: training is finished, nothing to fetch
-            self._thread = threading.Thread(target=self._fetch_first, daemon=True)
+            batches = trainer.train_batches(start)
+            self._thread = threading.Thread(target=self._fetch_first, args=(batches,))
+            self._thread.daemon = True  # an error elsewhere ends the run without waiting
             self._thread.start()
 
-    def _fetch_first(self) -> None:
+    def _fetch_first(self, batches) -> None:
         try:
-            batches = self.trainer.train_batches(self.start)
             self._first = [batches, next(batches)]
         except BaseException as e:  # raised where the batches are asked for
             self._first = [e]

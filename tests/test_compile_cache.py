@@ -191,7 +191,7 @@ def test_the_train_step_compiled_ahead_takes_the_first_batch_as_it_is():
 
 
 def test_the_early_batches_are_the_steps_own(monkeypatch):
-    """train._EarlyBatches (built and first fetched on a thread while the state is made) gives
+    """train._EarlyBatches (the first batch fetched on a thread while the state is made) gives
     what train_batches gives from the step the run starts at, also when that is not the step
     it expected (its newest checkpoint did not restore); the thread's error is raised where
     the batches are asked for."""
@@ -211,10 +211,12 @@ def test_the_early_batches_are_the_steps_own(monkeypatch):
 
     def no_data(start_step):
         raise UserError(f"no data at step {start_step}")
+        yield  # a generator: the error comes with its first batch, on the thread
 
     monkeypatch.setattr(trainer, "train_batches", no_data)
+    early = train._EarlyBatches(trainer, 3, total=6)
     with pytest.raises(UserError, match="no data at step 3"):
-        train._EarlyBatches(trainer, 3, total=6).batches(3)
+        early.batches(3)
 
 
 def _count_cache_events_then_run_main(fault: str) -> None:

@@ -92,13 +92,21 @@ def _config(**changes):
 
 
 def _subprocess(workdir, fault="", **changes):
-    """`python -m cnn_jax.main` (through this file when a fault is injected)."""
+    """`python -m cnn_jax.main` (through this file when a fault is injected), with Ctrl-C's
+    signal as a terminal gives it: a suite started in the background (`pytest &` in a
+    script) has SIGINT ignored, its children would inherit that, and cnn_jax then leaves
+    Ctrl-C alone as it should (cli.run), which the Ctrl-C tests here are not about."""
     entry = [os.path.abspath(__file__), fault] if fault else ["-m", "cnn_jax.main"]
     env = {**os.environ, "PYTHONPATH": REPO}
     return subprocess.run(
         [sys.executable, *entry, *_argv(workdir, **changes)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        preexec_fn=_default_sigint,
     )  # fmt: skip
+
+
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_main(argv):

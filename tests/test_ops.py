@@ -1,6 +1,8 @@
 """cnn_jax.models.ops and the LRN's hand-written gradient: the same values and gradients as
 the plain JAX operations they replace for speed, on every code path they choose between."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,8 @@ CONVS = {
         1,
     ),
     "strided, many maps": ((2, 9, 9, 20), (3, 3, 20, 24), (2, 2), "SAME", 1),
+    # More images than one group of the strided kernel gradient, the last group short.
+    "strided, 7 images": ((7, 15, 15, 3), (11, 11, 3, 8), (4, 4), [(0, 3), (0, 3)], 1),
     # Maps of 28x28 and more with 64 maps and more (VGG): the kernel gradient as one matmul
     # of shifted copies.
     "28x28 map, many maps (VGG)": ((1, 28, 28, 64), (3, 3, 64, 64), (1, 1), "SAME", 1),
@@ -299,3 +303,32 @@ def test_cpu_flags_from_cpuinfo_decide_bfloat16_arithmetic(tmp_path):
 def test_bfloat16_is_the_default_only_where_the_kernels_run_it_faster():
     assert ops.bfloat16_is_faster("gpu") and ops.bfloat16_is_faster("tpu")
     assert not ops.bfloat16_is_faster("cpu")  # XLA:CPU's convolutions are float32 only
+
+
+def test_xla_cpu_options_join_the_users_flags_without_overriding_them(monkeypatch):
+    from jax._src import xla_bridge
+
+    from cnn_jax import cli
+
+    option = "--xla_cpu_experimental_ynn_fusion_type"
+    monkeypatch.setattr(cli, "XLA_CPU_OPTIONS", {"lenet5": {option[2:]: "+eltwise"}})
+    monkeypatch.setattr(cli, "XLA_CPU_OPTIONS_JAXLIB", "")  # any jaxlib
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)  # a new process
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    cli.tune_xla_cpu("lenet5")
+    assert os.environ["XLA_FLAGS"].split() == [
+        "--xla_force_host_platform_device_count=2",
+        f"{option}=+eltwise",
+    ]
+    monkeypatch.setenv("XLA_FLAGS", f"{option}=reduce")  # the user's own value stays
+    cli.tune_xla_cpu("lenet5")
+    cli.tune_xla_cpu("vgg")  # a model without options
+    assert os.environ["XLA_FLAGS"] == f"{option}=reduce"
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
+    cli.tune_xla_cpu("lenet5")  # too late for this process: its children are not changed
+    assert "XLA_FLAGS" not in os.environ
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.setattr(cli, "XLA_CPU_OPTIONS_JAXLIB", "0.0.")  # not the jaxlib measured
+    cli.tune_xla_cpu("lenet5")
+    assert "XLA_FLAGS" not in os.environ
