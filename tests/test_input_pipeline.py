@@ -195,9 +195,9 @@ def _folder(root) -> Source:
     return Source("image_folder", manual_dir=str(root), image_size=32)
 
 
-def _batches(root, count, start_step=0, seed=0):
+def _batches(root, count, start_step=0, seed=0, cache=True):
     source = _folder(root)
-    options = dict(batch_size=2, seed=seed, cache=True, shuffle_buffer=0, start_step=start_step)
+    options = dict(batch_size=2, seed=seed, cache=cache, shuffle_buffer=0, start_step=start_step)
     ds = pipeline.train_dataset(source, ALEXNET_32, **options)
     return list(ds.take(count).as_numpy_iterator())
 
@@ -215,6 +215,26 @@ def test_same_seed_same_batches_and_a_resumed_run_sees_the_same_ones(tmp_path):
     assert not all(
         np.array_equal(a["image"], b["image"]) for a, b in zip(first, other, strict=True)
     )
+
+
+def test_an_image_folder_is_shuffled_as_paths_then_read_into_the_same_batches(tmp_path):
+    """Without input.cache the shuffle buffer holds the files' paths, not their bytes (a
+    whole split's, for ImageNet ~140 GB), and the files are read after it: the batches are
+    those of shuffling the bytes read first (input.cache), resumed runs' included."""
+    paths = _write_folder(str(tmp_path))
+    keys, read = _folder(tmp_path).process_keys("train")
+    shuffled = [k["image"].decode() for k in keys.as_numpy_iterator()]
+    assert sorted(shuffled) == sorted(p for p in paths if "/train/" in p)
+    key = next(iter(keys))
+    with open(key["image"].numpy().decode(), "rb") as f:
+        assert read(key)["image"].numpy() == f.read()
+    from_paths, from_bytes = _batches(tmp_path, 5, cache=False), _batches(tmp_path, 5)
+    resumed = _batches(tmp_path, 2, start_step=3, cache=False)
+    for a, b in zip(from_paths, from_bytes, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    for a, b in zip(from_paths[3:], resumed, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
 
 
 def _tree(root):

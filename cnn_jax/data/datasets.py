@@ -10,6 +10,7 @@ import dataclasses
 import io
 import os
 import socket
+from collections.abc import Callable
 
 import jax
 import tensorflow as tf
@@ -234,6 +235,15 @@ class Source:
             lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)},
             num_parallel_calls=tf.data.AUTOTUNE,
         )
+
+    def process_keys(self, split: str) -> tuple[tf.data.Dataset, Callable | None]:
+        """What the training pipeline shuffles: (keys, read), process_examples(split) being
+        keys.map(read) in the same order. An image folder's keys are its file paths, so the
+        shuffle buffer holds paths and only the shuffled files are read; elsewhere the keys
+        are the examples themselves and read is None."""
+        if self.name == "image_folder":
+            return image_folder.process_keys(self._root, split), image_folder.read_example
+        return self.process_examples(split), None
 
     def _synthetic(self, split: str) -> tf.data.Dataset:
         """Random images and labels of any shape, made in-graph from the example index: the

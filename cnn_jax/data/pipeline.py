@@ -96,9 +96,10 @@ def train_dataset(
     check_shuffle_buffer(shuffle_buffer)
     spe = steps_per_epoch(source, batch_size)
     local_batch = local_batch_size(batch_size)
-    examples = source.process_examples("train")
-    if cache:
-        examples = examples.cache()
+    if cache:  # the examples themselves, read once and kept
+        examples, read = source.process_examples("train").cache(), None
+    else:  # an image folder's paths: only the shuffled files are read (Source.process_keys)
+        examples, read = source.process_keys("train")
     buffer = shuffle_buffer or spe * local_batch
     size, channels = prep.image_size, input_channels(source, prep)
 
@@ -115,6 +116,8 @@ def train_dataset(
 
         shuffle_seed = epoch_seed[0] * 7919 + epoch_seed[1]
         ds = examples.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        if read is not None:  # the same order as reading first: a shuffle's order is the seed's
+            ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE)
         if prep.spec.batched:
             ds = ds.enumerate().batch(local_batch, drop_remainder=True).take(spe)
             batched = lambda p, ex: tf.vectorized_map(lambda a: prepare(*a), (p, ex))
