@@ -308,10 +308,12 @@ def tune_xla_cpu(model_name: str) -> None:
     would not reach its backend, only the processes it starts, which would then round
     differently from it."""
     import jaxlib
-    from jax._src import xla_bridge
 
     if not jaxlib.__version__.startswith(XLA_CPU_OPTIONS_JAXLIB):
         return
+    # JAX's own test of a started backend, private: imported only with the jax it was read in.
+    from jax._src import xla_bridge
+
     if xla_bridge.backends_are_initialized():
         return
     flags_set = os.environ.get("XLA_FLAGS", "")
